@@ -1,0 +1,156 @@
+//! The token cell: one writer (the refresher), any number of lock-free readers.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::{ArcSwapOption, Guard};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::token::IamToken;
+
+/// Holds the current token. Readers never wait on the network: they load the current value and
+/// answer from memory.
+#[derive(Default)]
+pub struct TokenCell {
+    current: ArcSwapOption<IamToken>,
+    /// Wakes requests waiting for the first token.
+    stored: Notify,
+    /// Raised by a reader that found the token lapsed on the wall clock only.
+    lapsed: Notify,
+    /// False while the refresher is in a failure streak.
+    healthy: AtomicBool,
+}
+
+impl TokenCell {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Replaces the token. Only the refresher calls this.
+    pub fn store(&self, token: Arc<IamToken>) {
+        self.current.store(Some(token));
+        self.stored.notify_waiters();
+    }
+
+    /// The current token, servable or not.
+    pub fn load(&self) -> Guard<Option<Arc<IamToken>>> {
+        self.current.load()
+    }
+
+    /// The current token as an owned handle.
+    pub fn current(&self) -> Option<Arc<IamToken>> {
+        self.current.load_full()
+    }
+
+    /// The current token and its time left, if it may be served now.
+    pub fn servable(&self) -> Option<(Arc<IamToken>, Duration)> {
+        self.servable_at(Instant::now(), SystemTime::now())
+    }
+
+    /// As [`TokenCell::servable`], at the given clock readings.
+    pub fn servable_at(
+        &self,
+        mono_now: Instant,
+        wall_now: SystemTime,
+    ) -> Option<(Arc<IamToken>, Duration)> {
+        let guard = self.current.load();
+        let token = guard.as_ref()?;
+        match token.servable_for(mono_now, wall_now) {
+            Some(left) => Some((Arc::clone(token), left)),
+            None => {
+                // Expired on the wall clock while the monotonic deadline is still ahead: the
+                // machine was suspended or the clock moved. Ask the refresher to renew now.
+                if token.valid_until() > mono_now + token.margin() {
+                    self.lapsed.notify_one();
+                }
+                None
+            }
+        }
+    }
+
+    /// Like [`TokenCell::servable`], but waits up to `max_wait` for the first token to arrive.
+    /// Once any token has been stored it answers at once.
+    pub async fn wait_servable(&self, max_wait: Duration) -> Option<(Arc<IamToken>, Duration)> {
+        if self.current.load().is_some() || max_wait.is_zero() {
+            return self.servable();
+        }
+        let deadline = Instant::now() + max_wait;
+        loop {
+            let stored = self.stored.notified();
+            tokio::pin!(stored);
+            stored.as_mut().enable();
+            if self.current.load().is_some() {
+                return self.servable();
+            }
+            if tokio::time::timeout_at(deadline, stored).await.is_err() {
+                return self.servable();
+            }
+        }
+    }
+
+    /// Resolves when a reader reports a wall-clock lapse.
+    pub async fn lapsed(&self) {
+        self.lapsed.notified().await;
+    }
+
+    pub fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
+    /// True after a successful refresh until the next failure.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn token(lifetime: Duration) -> Arc<IamToken> {
+        let wall = SystemTime::now();
+        let (token, _) = IamToken::accept(
+            "t1.cell".into(),
+            Some(wall + lifetime),
+            Instant::now(),
+            wall,
+            Duration::from_secs(1),
+        )
+        .unwrap();
+        Arc::new(token)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_reader_gets_the_first_token() {
+        let cell = Arc::new(TokenCell::new());
+        let writer = Arc::clone(&cell);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            writer.store(token(Duration::from_secs(60)));
+        });
+        let got = cell.wait_servable(Duration::from_secs(1)).await;
+        assert_eq!(got.unwrap().0.expose_secret(), "t1.cell");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiting_reader_gives_up_after_the_limit() {
+        let cell = TokenCell::new();
+        let started = Instant::now();
+        assert!(cell.wait_servable(Duration::from_millis(300)).await.is_none());
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wall_clock_lapse_nudges_the_refresher() {
+        let cell = TokenCell::new();
+        cell.store(token(Duration::from_secs(3600)));
+        let later = SystemTime::now() + Duration::from_secs(7200);
+        assert!(cell.servable_at(Instant::now(), later).is_none());
+        // The permit is stored, so the refresher sees it even if it was not waiting yet.
+        tokio::time::timeout(Duration::from_millis(1), cell.lapsed())
+            .await
+            .expect("nudged");
+    }
+}

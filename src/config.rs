@@ -1,0 +1,624 @@
+//! Configuration: the TOML file, command-line and environment overrides, validated once into typed
+//! [`Settings`]. Every error names the file and the field.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::refresh::RefreshPolicy;
+use crate::secret::SecretString;
+
+/// The default port. Clear of the ports applications in the same pod usually take (80, 3000,
+/// 5000, 8000, 8080, 9090 and friends) and below Linux's ephemeral range (32768+), so an outgoing
+/// connection never holds it. "IAMT" on a phone keypad.
+pub const DEFAULT_PORT: u16 = 4268;
+
+/// Yandex Cloud's production IAM endpoint.
+pub const DEFAULT_IAM_ENDPOINT: &str = "https://iam.api.cloud.yandex.net:443";
+
+/// Environment variables read by the Yandex SDKs and the `yc` CLI; used when the configuration
+/// names no credentials.
+pub const ENV_KEY_FILE: &str = "YC_SERVICE_ACCOUNT_KEY_FILE";
+pub const ENV_OAUTH_TOKEN: &str = "YC_TOKEN";
+
+/// Why a configuration was refused. The message is one line naming the file and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{location}: {message}")]
+    Parse { location: String, message: String },
+    #[error("{origin}: {field}: {message}")]
+    Invalid {
+        origin: String,
+        field: &'static str,
+        message: String,
+    },
+}
+
+/// The file as written. Every section and key is optional; unknown keys are an error so a typo
+/// never silently falls back to a default.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    #[serde(default)]
+    pub credentials: CredentialsSection,
+    #[serde(default)]
+    pub iam: IamSection,
+    #[serde(default)]
+    pub refresh: RefreshSection,
+    #[serde(default)]
+    pub http: HttpSection,
+    #[serde(default)]
+    pub log: LogSection,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CredentialsSection {
+    pub service_account_key_file: Option<PathBuf>,
+    pub oauth_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IamSection {
+    pub endpoint: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    pub call_timeout: Option<HumanDuration>,
+    pub connect_timeout: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RefreshSection {
+    pub max_age: Option<HumanDuration>,
+    pub renew_fraction: Option<f64>,
+    pub jitter: Option<f64>,
+    pub min_interval: Option<HumanDuration>,
+    pub serve_margin: Option<HumanDuration>,
+    pub backoff_initial: Option<HumanDuration>,
+    pub backoff_max: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    pub listen: Option<Vec<String>>,
+    pub allowed_hosts: Option<Vec<String>>,
+    pub wait_for_token: Option<HumanDuration>,
+    pub shutdown_grace: Option<HumanDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogSection {
+    pub format: Option<LogFormat>,
+    pub filter: Option<String>,
+}
+
+/// A duration written the humantime way: `"90s"`, `"5m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HumanDuration(pub Duration);
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        parse_duration(&text)
+            .map(HumanDuration)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Parses a humantime duration with a message that shows the accepted form.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?}: {e} (write it like \"500ms\", \"90s\", \"5m\" or \"1h\")"))
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Values given on the command line or through `YC_IAM_SIDECAR_*` variables; they win over the file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Vec<String>,
+    pub key_file: Option<PathBuf>,
+    pub oauth_token_file: Option<PathBuf>,
+    pub iam_endpoint: Option<String>,
+    pub log_format: Option<LogFormat>,
+}
+
+/// Where the credentials come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CredentialsSource {
+    /// A service-account authorized key file as written by `yc iam key create`.
+    KeyFile(PathBuf),
+    /// A file holding a Yandex OAuth token.
+    OAuthTokenFile(PathBuf),
+    /// A Yandex OAuth token taken from `YC_TOKEN`.
+    OAuthTokenEnv(SecretString),
+}
+
+#[derive(Debug, Clone)]
+pub struct IamSettings {
+    pub endpoint: String,
+    pub ca_file: Option<PathBuf>,
+    /// Deadline of one Create call, connection included.
+    pub call_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub listen: Vec<SocketAddr>,
+    /// Extra `Host` header values accepted besides loopback addresses and `localhost`.
+    pub allowed_hosts: Vec<String>,
+    pub wait_for_token: Duration,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    pub filter: String,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub credentials: CredentialsSource,
+    pub iam: IamSettings,
+    pub refresh: RefreshPolicy,
+    pub http: HttpSettings,
+    pub log: LogSettings,
+}
+
+impl Default for HttpSettings {
+    fn default() -> Self {
+        Self {
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))],
+            allowed_hosts: Vec::new(),
+            // The Python SDK gives up after 1 s; answering 503 before that lets it report a
+            // clear error instead of a timeout.
+            wait_for_token: Duration::from_millis(500),
+            shutdown_grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for IamSettings {
+    fn default() -> Self {
+        Self {
+            endpoint: DEFAULT_IAM_ENDPOINT.to_owned(),
+            ca_file: None,
+            call_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".to_owned(),
+        }
+    }
+}
+
+/// Reads and parses a config file without validating it.
+pub fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// Parses TOML text; `origin` names it in errors.
+pub fn parse(text: &str, origin: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str(text).map_err(|e| {
+        let (location, snippet) = match e.span() {
+            Some(span) => {
+                let line = text[..span.start].matches('\n').count() + 1;
+                let line_text = text.lines().nth(line - 1).unwrap_or("").trim();
+                (format!("{origin}:{line}"), format!(" (in `{line_text}`)"))
+            }
+            None => (origin.to_owned(), String::new()),
+        };
+        ConfigError::Parse {
+            location,
+            message: format!("{}{snippet}", e.message().trim()),
+        }
+    })
+}
+
+impl Settings {
+    /// Loads `path` (if any), applies overrides and the environment, and validates the result.
+    /// `env` is the process environment in production and a map in tests.
+    pub fn load(
+        path: Option<&Path>,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let (file, origin) = match path {
+            Some(path) => (read_file(path)?, path.display().to_string()),
+            None => (FileConfig::default(), "configuration".to_owned()),
+        };
+        Self::from_file_config(file, &origin, overrides, env)
+    }
+
+    pub fn from_file_config(
+        file: FileConfig,
+        origin: &str,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let invalid = |field: &'static str, message: String| ConfigError::Invalid {
+            origin: origin.to_owned(),
+            field,
+            message,
+        };
+
+        let credentials = resolve_credentials(&file.credentials, overrides, env)
+            .map_err(|m| invalid("credentials", m))?;
+
+        let defaults = IamSettings::default();
+        let endpoint = overrides
+            .iam_endpoint
+            .clone()
+            .or(file.iam.endpoint)
+            .unwrap_or(defaults.endpoint);
+        validate_endpoint(&endpoint).map_err(|m| invalid("iam.endpoint", m))?;
+        let iam = IamSettings {
+            endpoint,
+            ca_file: file.iam.ca_file,
+            call_timeout: positive(file.iam.call_timeout, defaults.call_timeout)
+                .map_err(|m| invalid("iam.call_timeout", m))?,
+            connect_timeout: positive(file.iam.connect_timeout, defaults.connect_timeout)
+                .map_err(|m| invalid("iam.connect_timeout", m))?,
+        };
+
+        let refresh = refresh_policy(&file.refresh).map_err(|(f, m)| invalid(f, m))?;
+
+        let http_defaults = HttpSettings::default();
+        let listen_text = if !overrides.listen.is_empty() {
+            overrides.listen.clone()
+        } else {
+            file.http.listen.unwrap_or_default()
+        };
+        let listen = if listen_text.is_empty() {
+            http_defaults.listen
+        } else {
+            listen_text
+                .iter()
+                .map(|a| parse_listen(a))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|m| invalid("http.listen", m))?
+        };
+        let allowed_hosts = file.http.allowed_hosts.unwrap_or_default();
+        for host in &allowed_hosts {
+            if host.is_empty() || host.contains(|c: char| c.is_whitespace() || c == '/') {
+                return Err(invalid(
+                    "http.allowed_hosts",
+                    format!("{host:?} is not a host name"),
+                ));
+            }
+        }
+        let http = HttpSettings {
+            listen,
+            allowed_hosts: allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            wait_for_token: file
+                .http
+                .wait_for_token
+                .map_or(http_defaults.wait_for_token, |d| d.0),
+            shutdown_grace: file
+                .http
+                .shutdown_grace
+                .map_or(http_defaults.shutdown_grace, |d| d.0),
+        };
+
+        let log_defaults = LogSettings::default();
+        let log = LogSettings {
+            format: overrides
+                .log_format
+                .or(file.log.format)
+                .unwrap_or(log_defaults.format),
+            filter: file.log.filter.unwrap_or(log_defaults.filter),
+        };
+
+        Ok(Settings {
+            credentials,
+            iam,
+            refresh,
+            http,
+            log,
+        })
+    }
+}
+
+/// Precedence: command line, then the config file, then the conventional `YC_*` variables.
+fn resolve_credentials(
+    section: &CredentialsSection,
+    overrides: &Overrides,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<CredentialsSource, String> {
+    match (&overrides.key_file, &overrides.oauth_token_file) {
+        (Some(_), Some(_)) => {
+            return Err("give either --key-file or --oauth-token-file, not both".to_owned());
+        }
+        (Some(path), None) => return Ok(CredentialsSource::KeyFile(path.clone())),
+        (None, Some(path)) => return Ok(CredentialsSource::OAuthTokenFile(path.clone())),
+        (None, None) => {}
+    }
+    match (&section.service_account_key_file, &section.oauth_token_file) {
+        (Some(_), Some(_)) => {
+            return Err(
+                "set either service_account_key_file or oauth_token_file, not both".to_owned(),
+            );
+        }
+        (Some(path), None) => return Ok(CredentialsSource::KeyFile(path.clone())),
+        (None, Some(path)) => return Ok(CredentialsSource::OAuthTokenFile(path.clone())),
+        (None, None) => {}
+    }
+    let nonempty = |name: &str| env(name).filter(|v| !v.trim().is_empty());
+    if let Some(path) = nonempty(ENV_KEY_FILE) {
+        return Ok(CredentialsSource::KeyFile(PathBuf::from(path)));
+    }
+    if let Some(token) = nonempty(ENV_OAUTH_TOKEN) {
+        return Ok(CredentialsSource::OAuthTokenEnv(SecretString::new(
+            token.trim().to_owned(),
+        )));
+    }
+    Err(format!(
+        "no credentials: set [credentials] service_account_key_file (or oauth_token_file), \
+         pass --key-file, or set {ENV_KEY_FILE} (or {ENV_OAUTH_TOKEN})"
+    ))
+}
+
+fn validate_endpoint(endpoint: &str) -> Result<(), String> {
+    let uri: http::Uri = endpoint
+        .parse()
+        .map_err(|e| format!("{endpoint:?} is not a URL: {e}"))?;
+    match uri.scheme_str() {
+        Some("https") | Some("http") => {}
+        _ => {
+            return Err(format!(
+                "{endpoint:?} must start with https:// (or http:// for a local test IAM)"
+            ));
+        }
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(format!("{endpoint:?} names no host"));
+    }
+    Ok(())
+}
+
+fn positive(value: Option<HumanDuration>, default: Duration) -> Result<Duration, String> {
+    match value {
+        None => Ok(default),
+        Some(HumanDuration(d)) if d.is_zero() => Err("must be greater than zero".to_owned()),
+        Some(HumanDuration(d)) => Ok(d),
+    }
+}
+
+fn refresh_policy(section: &RefreshSection) -> Result<RefreshPolicy, (&'static str, String)> {
+    let d = RefreshPolicy::default();
+    let fraction = |field: &'static str, value: Option<f64>, default: f64, max_inclusive: f64| {
+        let v = value.unwrap_or(default);
+        if v.is_finite() && v >= 0.0 && v <= max_inclusive {
+            Ok(v)
+        } else {
+            Err((field, format!("{v} is outside 0..={max_inclusive}")))
+        }
+    };
+    let policy = RefreshPolicy {
+        max_age: positive(section.max_age, d.max_age).map_err(|m| ("refresh.max_age", m))?,
+        renew_fraction: fraction("refresh.renew_fraction", section.renew_fraction, d.renew_fraction, 0.9)?,
+        jitter: fraction("refresh.jitter", section.jitter, d.jitter, 0.5)?,
+        min_interval: positive(section.min_interval, d.min_interval)
+            .map_err(|m| ("refresh.min_interval", m))?,
+        serve_margin: section.serve_margin.map_or(d.serve_margin, |v| v.0),
+        backoff_initial: positive(section.backoff_initial, d.backoff_initial)
+            .map_err(|m| ("refresh.backoff_initial", m))?,
+        backoff_max: positive(section.backoff_max, d.backoff_max)
+            .map_err(|m| ("refresh.backoff_max", m))?,
+    };
+    if policy.renew_fraction == 0.0 {
+        return Err(("refresh.renew_fraction", "must be greater than zero".to_owned()));
+    }
+    if policy.backoff_max < policy.backoff_initial {
+        return Err((
+            "refresh.backoff_max",
+            format!(
+                "{} is shorter than refresh.backoff_initial ({})",
+                humantime::format_duration(policy.backoff_max),
+                humantime::format_duration(policy.backoff_initial)
+            ),
+        ));
+    }
+    if policy.min_interval > policy.max_age {
+        return Err((
+            "refresh.min_interval",
+            "is longer than refresh.max_age".to_owned(),
+        ));
+    }
+    Ok(policy)
+}
+
+/// Parses one listen address: `IP:PORT`, with IPv6 in brackets (`[::1]:4268`).
+pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    text.trim().parse::<SocketAddr>().map_err(|_| {
+        format!("{text:?} is not an address like \"127.0.0.1:{DEFAULT_PORT}\" or \"[::1]:{DEFAULT_PORT}\"")
+    })
+}
+
+/// True for addresses only this machine can reach.
+pub fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    fn load_str(text: &str) -> Result<Settings, ConfigError> {
+        let file = parse(text, "test.toml")?;
+        Settings::from_file_config(file, "test.toml", &Overrides::default(), &no_env)
+    }
+
+    #[test]
+    fn minimal_file_gets_documented_defaults() {
+        let s = load_str("[credentials]\nservice_account_key_file = \"/k.json\"\n").unwrap();
+        assert_eq!(s.credentials, CredentialsSource::KeyFile("/k.json".into()));
+        assert_eq!(s.iam.endpoint, DEFAULT_IAM_ENDPOINT);
+        assert_eq!(s.http.listen, vec!["127.0.0.1:4268".parse().unwrap()]);
+        assert_eq!(s.refresh.max_age, Duration::from_secs(3600));
+        assert_eq!(s.http.wait_for_token, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let err = load_str("[refresh]\nmax_age = \"1h\"\nmax_agee = \"2h\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:3:"), "{err}");
+        assert!(err.contains("max_agee"), "{err}");
+        assert!(!err.contains('\n'), "one line: {err}");
+    }
+
+    #[test]
+    fn bad_duration_names_the_line_and_the_value() {
+        let err = load_str("[credentials]\noauth_token_file = \"/t\"\n[refresh]\nmax_age = \"5 parsecs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("test.toml:4:"), "{err}");
+        assert!(err.contains("5 parsecs") && err.contains("max_age"), "{err}");
+    }
+
+    #[test]
+    fn invalid_values_name_the_field() {
+        let cases = [
+            ("[http]\nlisten = [\"localhost\"]", "http.listen"),
+            ("[iam]\nendpoint = \"ftp://x\"", "iam.endpoint"),
+            ("[refresh]\njitter = 2.0", "refresh.jitter"),
+            ("[refresh]\nmax_age = \"0s\"", "refresh.max_age"),
+            ("[refresh]\nbackoff_initial = \"2m\"\nbackoff_max = \"1m\"", "refresh.backoff_max"),
+            ("[http]\nallowed_hosts = [\"a b\"]", "http.allowed_hosts"),
+        ];
+        for (body, field) in cases {
+            let text = format!("[credentials]\noauth_token_file = \"/t\"\n{body}\n");
+            let err = load_str(&text).unwrap_err().to_string();
+            assert!(err.contains(field), "{body}: {err}");
+            assert!(err.starts_with("test.toml: "), "{body}: {err}");
+        }
+    }
+
+    #[test]
+    fn both_credentials_is_an_error() {
+        let err = load_str(
+            "[credentials]\nservice_account_key_file = \"/k\"\noauth_token_file = \"/t\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("not both"), "{err}");
+    }
+
+    #[test]
+    fn credentials_precedence_flag_file_env() {
+        let env = |name: &str| match name {
+            ENV_KEY_FILE => Some("/env/key.json".to_owned()),
+            ENV_OAUTH_TOKEN => Some("y0_env".to_owned()),
+            _ => None,
+        };
+        let file = || parse("[credentials]\noauth_token_file = \"/file/token\"\n", "t").unwrap();
+        let flag = Overrides {
+            key_file: Some("/flag/key.json".into()),
+            ..Overrides::default()
+        };
+        let s = Settings::from_file_config(file(), "t", &flag, &env).unwrap();
+        assert_eq!(s.credentials, CredentialsSource::KeyFile("/flag/key.json".into()));
+        let s = Settings::from_file_config(file(), "t", &Overrides::default(), &env).unwrap();
+        assert_eq!(s.credentials, CredentialsSource::OAuthTokenFile("/file/token".into()));
+        let s = Settings::from_file_config(FileConfig::default(), "t", &Overrides::default(), &env)
+            .unwrap();
+        assert_eq!(s.credentials, CredentialsSource::KeyFile("/env/key.json".into()));
+        let only_token = |name: &str| (name == ENV_OAUTH_TOKEN).then(|| "y0_env\n".to_owned());
+        let s =
+            Settings::from_file_config(FileConfig::default(), "t", &Overrides::default(), &only_token)
+                .unwrap();
+        assert_eq!(
+            s.credentials,
+            CredentialsSource::OAuthTokenEnv(SecretString::new("y0_env".to_owned()))
+        );
+    }
+
+    #[test]
+    fn no_credentials_says_how_to_give_them() {
+        let err = Settings::from_file_config(
+            FileConfig::default(),
+            "configuration",
+            &Overrides::default(),
+            &no_env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(ENV_KEY_FILE) && err.contains("--key-file"), "{err}");
+    }
+
+    #[test]
+    fn listen_flags_replace_the_file_list() {
+        let file = parse(
+            "[credentials]\noauth_token_file = \"/t\"\n[http]\nlisten = [\"127.0.0.1:1\"]\n",
+            "t",
+        )
+        .unwrap();
+        let overrides = Overrides {
+            listen: vec!["[::1]:9".to_owned(), "127.0.0.2:10".to_owned()],
+            ..Overrides::default()
+        };
+        let s = Settings::from_file_config(file, "t", &overrides, &no_env).unwrap();
+        assert_eq!(
+            s.http.listen,
+            vec!["[::1]:9".parse().unwrap(), "127.0.0.2:10".parse().unwrap()]
+        );
+    }
+
+    #[test]
+    fn loopback_covers_v4_v6_and_mapped() {
+        for ip in ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"] {
+            assert!(is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["10.0.0.1", "169.254.169.254", "::", "0.0.0.0"] {
+            assert!(!is_loopback(ip.parse().unwrap()), "{ip}");
+        }
+    }
+}

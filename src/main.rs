@@ -1,0 +1,314 @@
+//! The `yc-iam-sidecar` binary: parses the command line, picks exit codes, and wires the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use yc_iam_sidecar::config::{self, LogFormat, Overrides, Settings};
+use yc_iam_sidecar::credentials::{Credentials, ServiceAccountKey};
+use yc_iam_sidecar::daemon;
+use yc_iam_sidecar::emulator::{self, Emulator};
+use yc_iam_sidecar::iam::GrpcIam;
+
+/// sysexits(3) codes, so supervisors can tell a bad configuration from a bad day.
+const EX_USAGE: u8 = 64;
+const EX_UNAVAILABLE: u8 = 69;
+const EX_SOFTWARE: u8 = 70;
+const EX_CONFIG: u8 = 78;
+
+#[derive(Parser)]
+#[command(
+    name = "yc-iam-sidecar",
+    version,
+    about = "Keeps a fresh Yandex Cloud IAM token in memory and serves it on localhost",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar (the default).
+    Serve(ServeArgs),
+    /// Fetch one token, print it to stdout, and exit.
+    Token(TokenArgs),
+    /// Validate the configuration and credentials, then exit.
+    CheckConfig(CommonArgs),
+    /// Run against a built-in IAM emulator issuing fake tokens (not valid for Yandex Cloud).
+    Dev(DevArgs),
+}
+
+#[derive(Args, Clone, Default)]
+struct CommonArgs {
+    /// TOML configuration file.
+    #[arg(long, short = 'c', env = "YC_IAM_SIDECAR_CONFIG")]
+    config: Option<PathBuf>,
+    /// Service-account authorized key file (overrides the config file).
+    #[arg(long, env = "YC_IAM_SIDECAR_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// File holding a Yandex OAuth token (overrides the config file).
+    #[arg(long, env = "YC_IAM_SIDECAR_OAUTH_TOKEN_FILE", conflicts_with = "key_file")]
+    oauth_token_file: Option<PathBuf>,
+    /// IAM endpoint (overrides iam.endpoint).
+    #[arg(long, env = "YC_IAM_SIDECAR_IAM_ENDPOINT")]
+    iam_endpoint: Option<String>,
+    /// Log format.
+    #[arg(long, value_enum, env = "YC_IAM_SIDECAR_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Args, Clone, Default)]
+struct ServeArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Address to serve on, IP:PORT; repeat for several (replaces http.listen).
+    #[arg(long, short = 'l', env = "YC_IAM_SIDECAR_LISTEN", value_delimiter = ',')]
+    listen: Vec<String>,
+}
+
+#[derive(Args, Clone)]
+struct TokenArgs {
+    #[command(flatten)]
+    common: CommonArgs,
+    /// Give up on transient IAM failures after this long.
+    #[arg(long, default_value = "30s", value_parser = config::parse_duration)]
+    timeout: Duration,
+}
+
+#[derive(Args, Clone)]
+struct DevArgs {
+    /// Address to serve on, IP:PORT; repeat for several.
+    #[arg(long, short = 'l', value_delimiter = ',')]
+    listen: Vec<String>,
+    /// Lifetime of the emulator's tokens; short, so renewals show in the log.
+    #[arg(long, default_value = "10m", value_parser = config::parse_duration)]
+    token_lifetime: Duration,
+    /// Log format.
+    #[arg(long, value_enum, env = "YC_IAM_SIDECAR_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
+}
+
+impl CommonArgs {
+    fn overrides(&self, listen: Vec<String>) -> Overrides {
+        Overrides {
+            listen,
+            key_file: self.key_file.clone(),
+            oauth_token_file: self.oauth_token_file.clone(),
+            iam_endpoint: self.iam_endpoint.clone(),
+            log_format: self.log_format,
+        }
+    }
+
+    fn settings(&self, listen: Vec<String>) -> Result<Settings, config::ConfigError> {
+        let env = |name: &str| std::env::var(name).ok();
+        Settings::load(self.config.as_deref(), &self.overrides(listen), &env)
+    }
+}
+
+/// A failure with the exit code it maps to. Printed as one line on stderr.
+struct Failure {
+    code: u8,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl ToString) -> Self {
+        Self {
+            code,
+            message: message.to_string(),
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            let _ = error.print();
+            return if error.use_stderr() {
+                ExitCode::from(EX_USAGE)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("yc-iam-sidecar: error: cannot start the async runtime: {error}");
+            return ExitCode::from(EX_SOFTWARE);
+        }
+    };
+    let result = runtime.block_on(async {
+        match cli.command {
+            None => serve(cli.serve).await,
+            Some(Command::Serve(args)) => serve(args).await,
+            Some(Command::Token(args)) => token(args).await,
+            Some(Command::CheckConfig(args)) => check_config(args),
+            Some(Command::Dev(args)) => dev(args).await,
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            tracing::error!(error = %failure.message, "exiting");
+            eprintln!("yc-iam-sidecar: error: {}", failure.message);
+            ExitCode::from(failure.code)
+        }
+    }
+}
+
+fn init_logging(format: LogFormat, default_filter: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(default_filter))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
+
+fn load(args: &CommonArgs, listen: Vec<String>) -> Result<(Settings, Credentials), Failure> {
+    let settings = args
+        .settings(listen)
+        .map_err(|e| Failure::new(EX_CONFIG, e))?;
+    init_logging(settings.log.format, &settings.log.filter);
+    let credentials =
+        Credentials::load(&settings.credentials).map_err(|e| Failure::new(EX_CONFIG, e))?;
+    Ok((settings, credentials))
+}
+
+async fn serve(args: ServeArgs) -> Result<(), Failure> {
+    let (settings, credentials) = load(&args.common, args.listen)?;
+    let iam = GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
+    let listeners = daemon::bind(&settings.http.listen)
+        .await
+        .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
+    daemon::run(
+        &settings,
+        Arc::new(credentials),
+        iam,
+        listeners,
+        shutdown_signal(),
+    )
+    .await;
+    Ok(())
+}
+
+async fn token(args: TokenArgs) -> Result<(), Failure> {
+    let (settings, credentials) = load(&args.common, Vec::new())?;
+    let iam = GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
+    let token = daemon::fetch_once(&settings, Arc::new(credentials), iam, args.timeout)
+        .await
+        .map_err(|e| {
+            let code = if e.is_permanent() { EX_CONFIG } else { EX_UNAVAILABLE };
+            Failure::new(code, e)
+        })?;
+    println!("{}", token.expose_secret());
+    Ok(())
+}
+
+fn check_config(args: CommonArgs) -> Result<(), Failure> {
+    let (settings, credentials) = load(&args, Vec::new())?;
+    GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
+    let listen: Vec<String> = settings.http.listen.iter().map(ToString::to_string).collect();
+    println!(
+        "configuration OK: {}; IAM {}; listening on {}",
+        credentials.describe(),
+        settings.iam.endpoint,
+        listen.join(", ")
+    );
+    Ok(())
+}
+
+async fn dev(args: DevArgs) -> Result<(), Failure> {
+    let mut common = CommonArgs {
+        log_format: args.log_format,
+        ..CommonArgs::default()
+    };
+    let emulator_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .map_err(|e| Failure::new(EX_UNAVAILABLE, format!("cannot start the IAM emulator: {e}")))?;
+    let emulator_addr = emulator_listener
+        .local_addr()
+        .map_err(|e| Failure::new(EX_SOFTWARE, e))?;
+    common.iam_endpoint = Some(format!("http://{emulator_addr}"));
+
+    let key = emulator::generate_key("dev-key-id", "dev-service-account")
+        .map_err(|e| Failure::new(EX_SOFTWARE, format!("cannot generate a key: {e}")))?;
+    let emulator = Emulator::new(args.token_lifetime);
+    emulator
+        .trust_key(&key.key_id, &key.service_account_id, &key.public_key_pem)
+        .map_err(|e| Failure::new(EX_SOFTWARE, e))?;
+    let credentials = ServiceAccountKey::from_json(&key.json, "generated dev key".as_ref())
+        .map_err(|e| Failure::new(EX_SOFTWARE, e))?;
+
+    // Settings as for `serve`, minus credentials, which the dev key supplies.
+    let env = |_: &str| None;
+    let overrides = Overrides {
+        listen: args.listen,
+        oauth_token_file: Some("unused".into()),
+        ..common.overrides(Vec::new())
+    };
+    let settings = Settings::load(None, &overrides, &env).map_err(|e| Failure::new(EX_CONFIG, e))?;
+    init_logging(settings.log.format, &settings.log.filter);
+    tracing::warn!(
+        emulator = %emulator_addr,
+        token_lifetime = %humantime::format_duration(args.token_lifetime),
+        "DEV MODE: tokens come from a built-in IAM emulator and are NOT valid for Yandex Cloud"
+    );
+    let iam = GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
+    let listeners = daemon::bind(&settings.http.listen)
+        .await
+        .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
+    let (stop_emulator, emulator_stopped) = tokio::sync::oneshot::channel::<()>();
+    let emulator_task = tokio::spawn(emulator.serve(emulator_listener, async {
+        let _ = emulator_stopped.await;
+    }));
+    daemon::run(
+        &settings,
+        Arc::new(Credentials::ServiceAccountKey(credentials)),
+        iam,
+        listeners,
+        shutdown_signal(),
+    )
+    .await;
+    let _ = stop_emulator.send(());
+    let _ = emulator_task.await;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = terminate => tracing::info!("SIGTERM received; shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+    }
+}

@@ -1,0 +1,293 @@
+//! The refresher: the only writer of the token cell. It renews the token on a schedule derived
+//! from `expires_at`, and on failure keeps the old token while backing off.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::time::Instant;
+
+use crate::cell::TokenCell;
+use crate::credentials::Credentials;
+use crate::iam::{CreateToken, IamError};
+use crate::token::IamToken;
+
+/// When to renew and how to retry. Defaults and their reasons are in `config.example.toml`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RefreshPolicy {
+    /// Renew at least this often. Yandex advises a new token about every hour.
+    pub max_age: Duration,
+    /// Renew after this fraction of the remaining lifetime, if that comes before `max_age`.
+    pub renew_fraction: f64,
+    /// Up to this fraction of the planned wait is taken off at random, so a fleet started
+    /// together does not renew together.
+    pub jitter: f64,
+    /// Never renew sooner than this after a success, whatever IAM returns.
+    pub min_interval: Duration,
+    /// Stop serving a token this long before it expires (a tenth of the lifetime for short-lived
+    /// tokens). Google's client libraries treat a token with under 225 s left as expired.
+    pub serve_margin: Duration,
+    /// First retry delay after a failure; doubles per failure up to `backoff_max`.
+    pub backoff_initial: Duration,
+    /// Longest retry delay, and the delay used for permanent errors.
+    pub backoff_max: Duration,
+}
+
+impl Default for RefreshPolicy {
+    fn default() -> Self {
+        Self {
+            max_age: Duration::from_secs(3600),
+            renew_fraction: 0.5,
+            jitter: 0.1,
+            min_interval: Duration::from_secs(5),
+            serve_margin: Duration::from_secs(300),
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// How long after receiving a token with `remaining` life to renew it: `renew_fraction` of the
+/// remaining life but at most `max_age`, minus up to `jitter` of that, and never under
+/// `min_interval`. `random` is uniform in `[0, 1)`.
+pub fn refresh_in(remaining: Duration, policy: &RefreshPolicy, random: f64) -> Duration {
+    let planned = remaining.mul_f64(policy.renew_fraction).min(policy.max_age);
+    let jittered = planned.saturating_sub(planned.mul_f64(policy.jitter * random.clamp(0.0, 1.0)));
+    jittered.max(policy.min_interval)
+}
+
+/// How long to wait after the `failures`-th consecutive failure (1-based): exponential from
+/// `backoff_initial` up to `backoff_max`, the upper half jittered; permanent errors wait the
+/// maximum. `random` is uniform in `[0, 1)`.
+pub fn retry_in(failures: u32, permanent: bool, policy: &RefreshPolicy, random: f64) -> Duration {
+    let base = if permanent {
+        policy.backoff_max
+    } else {
+        let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(30));
+        policy
+            .backoff_initial
+            .saturating_mul(factor)
+            .min(policy.backoff_max)
+    };
+    base / 2 + (base / 2).mul_f64(random.clamp(0.0, 1.0))
+}
+
+/// A successful refresh.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Renewed {
+    /// IAM handed out the token already held (normal; it may do so until near expiry).
+    pub same_token: bool,
+}
+
+/// Renews the token in `cell` with `credentials` through `iam`.
+pub struct Refresher<C> {
+    iam: C,
+    credentials: Arc<Credentials>,
+    cell: Arc<TokenCell>,
+    policy: RefreshPolicy,
+}
+
+impl<C: CreateToken> Refresher<C> {
+    pub fn new(
+        iam: C,
+        credentials: Arc<Credentials>,
+        cell: Arc<TokenCell>,
+        policy: RefreshPolicy,
+    ) -> Self {
+        Self {
+            iam,
+            credentials,
+            cell,
+            policy,
+        }
+    }
+
+    /// Fetches one token and stores it. Does not sleep or retry.
+    pub async fn refresh_once(&self) -> Result<Renewed, IamError> {
+        let identity = self.credentials.identity(SystemTime::now())?;
+        let issued = self.iam.create(identity).await?;
+        let (token, capped) = IamToken::accept(
+            issued.iam_token,
+            issued.expires_at,
+            Instant::now(),
+            SystemTime::now(),
+            self.policy.serve_margin,
+        )
+        .map_err(|error| IamError::BadAnswer {
+            error,
+            request_id: issued.request_id.clone(),
+        })?;
+        if capped {
+            tracing::warn!(
+                request_id = issued.request_id.as_deref().unwrap_or("-"),
+                "IAM returned an expires_at more than 12 hours away; treating the token as valid \
+                 for 12 hours"
+            );
+        }
+        let same_token = self
+            .cell
+            .current()
+            .is_some_and(|current| current.same_secret(&token));
+        self.cell.store(Arc::new(token));
+        Ok(Renewed { same_token })
+    }
+
+    /// Runs forever: fetch, store, sleep until the next renewal or retry. Cancel by dropping.
+    pub async fn run(self) {
+        let who = self.credentials.describe();
+        let mut failures: u32 = 0;
+        let mut permanent_streak = false;
+        loop {
+            let attempt_started = Instant::now();
+            let wait = match self.refresh_once().await {
+                Ok(Renewed { same_token }) => {
+                    let token = self.cell.current().expect("a token was just stored");
+                    let remaining = token.remaining(Instant::now());
+                    let wait = refresh_in(remaining, &self.policy, rand::random());
+                    tracing::info!(
+                        credentials = %who,
+                        expires_at = %humantime::format_rfc3339_seconds(token.expires_at()),
+                        valid_for = %humantime::format_duration(whole_secs(remaining)),
+                        next_refresh_in = %humantime::format_duration(whole_secs(wait)),
+                        same_token,
+                        after_failures = failures,
+                        "IAM token renewed"
+                    );
+                    failures = 0;
+                    permanent_streak = false;
+                    self.cell.set_healthy(true);
+                    wait
+                }
+                Err(error) => {
+                    failures = failures.saturating_add(1);
+                    let permanent = error.is_permanent();
+                    let wait = retry_in(failures, permanent, &self.policy, rand::random());
+                    self.log_failure(&error, permanent, permanent_streak, failures, wait);
+                    permanent_streak = permanent;
+                    self.cell.set_healthy(false);
+                    wait
+                }
+            };
+            self.sleep(wait, attempt_started).await;
+        }
+    }
+
+    fn log_failure(
+        &self,
+        error: &IamError,
+        permanent: bool,
+        already_reported: bool,
+        failures: u32,
+        wait: Duration,
+    ) {
+        let token_left = self
+            .cell
+            .current()
+            .map(|t| t.servable_for(Instant::now(), SystemTime::now()));
+        let serving = match token_left {
+            None => "no token held yet".to_owned(),
+            Some(None) => "no servable token: clients get 503".to_owned(),
+            Some(Some(left)) => format!(
+                "still serving the previous token, valid for {}",
+                humantime::format_duration(whole_secs(left))
+            ),
+        };
+        let retry_in = humantime::format_duration(whole_secs(wait)).to_string();
+        if permanent && already_reported {
+            // Said loudly once per streak; repeated attempts only at debug.
+            tracing::debug!(%error, failures, %retry_in, %serving, "IAM token refresh failed again");
+        } else if permanent {
+            tracing::error!(
+                %error,
+                failures,
+                %retry_in,
+                %serving,
+                "IAM refused the credentials; retrying slowly until they or the configuration \
+                 change"
+            );
+        } else {
+            tracing::warn!(%error, failures, %retry_in, %serving, "IAM token refresh failed");
+        }
+    }
+
+    /// Sleeps `wait`, or less if a reader reports that the token lapsed on the wall clock while
+    /// the monotonic deadline had not passed (a suspended machine). Such a nudge is honoured only
+    /// while healthy and no sooner than `min_interval` after the last attempt, so readers cannot
+    /// cause a refresh storm.
+    async fn sleep(&self, wait: Duration, attempt_started: Instant) {
+        let deadline = Instant::now() + wait;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(deadline) => return,
+                _ = self.cell.lapsed() => {
+                    if !self.cell.is_healthy() {
+                        continue;
+                    }
+                    let earliest = attempt_started + self.policy.min_interval;
+                    tokio::time::sleep_until(earliest.min(deadline)).await;
+                    tracing::info!("token lapsed on the wall clock (suspend or clock change); renewing early");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn whole_secs(d: Duration) -> Duration {
+    Duration::from_secs(d.as_secs())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+    const MIN: Duration = Duration::from_secs(60);
+
+    #[test]
+    fn refresh_schedule_table() {
+        let p = RefreshPolicy::default();
+        // (case, remaining, random, expected)
+        let cases = [
+            ("already expired", Duration::ZERO, 0.0, p.min_interval),
+            ("tiny lifetime", Duration::from_secs(4), 0.0, p.min_interval),
+            ("12-hour token, no jitter", 12 * HOUR, 0.0, HOUR),
+            ("12-hour token, full jitter", 12 * HOUR, 1.0, 54 * MIN),
+            ("same token again with 11 h left", 11 * HOUR, 0.5, 57 * MIN),
+            ("1-hour token", HOUR, 0.0, 30 * MIN),
+            ("10-minute token", 10 * MIN, 0.0, 5 * MIN),
+            ("40-minute remainder", 40 * MIN, 1.0, 18 * MIN),
+        ];
+        for (case, remaining, random, expected) in cases {
+            assert_eq!(refresh_in(remaining, &p, random), expected, "{case}");
+        }
+    }
+
+    #[test]
+    fn refresh_happens_before_the_serving_margin() {
+        let p = RefreshPolicy::default();
+        for lifetime_s in [10u64, 60, 600, 3600, 12 * 3600] {
+            let lifetime = Duration::from_secs(lifetime_s);
+            let margin = p.serve_margin.min(lifetime / 10);
+            let at = refresh_in(lifetime, &p, 0.0);
+            if lifetime > p.min_interval * 2 {
+                assert!(at < lifetime - margin, "lifetime {lifetime:?}: renew at {at:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn backoff_grows_to_a_minute_and_permanent_waits_longest() {
+        let p = RefreshPolicy::default();
+        let upper = |n| retry_in(n, false, &p, 1.0);
+        let lower = |n| retry_in(n, false, &p, 0.0);
+        assert_eq!(upper(1), Duration::from_secs(1));
+        assert_eq!(lower(1), Duration::from_millis(500));
+        assert_eq!(upper(2), Duration::from_secs(2));
+        assert_eq!(upper(4), Duration::from_secs(8));
+        assert_eq!(upper(7), Duration::from_secs(60));
+        assert_eq!(upper(1000), Duration::from_secs(60));
+        assert_eq!(lower(1000), Duration::from_secs(30));
+        assert_eq!(retry_in(1, true, &p, 1.0), Duration::from_secs(60));
+        assert_eq!(retry_in(1, true, &p, 0.0), Duration::from_secs(30));
+    }
+}

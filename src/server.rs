@@ -1,0 +1,401 @@
+//! The local HTTP server: `/token`, the VM metadata token path the Yandex SDKs speak, and the
+//! health endpoints. Every answer comes from memory.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Body;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::cell::TokenCell;
+use crate::config::{HttpSettings, is_loopback};
+
+/// The metadata token path of the GCE-compatible API that Yandex VMs serve and the SDKs call.
+pub const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
+const METADATA_ACCOUNT_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/";
+const METADATA_EMAIL_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/email";
+
+static METADATA_FLAVOR: HeaderName = HeaderName::from_static("metadata-flavor");
+static GOOGLE: HeaderValue = HeaderValue::from_static("Google");
+static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
+static TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
+static JSON: HeaderValue = HeaderValue::from_static("application/json");
+
+/// Time a client gets to send its request headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+type HttpResponse = Response<Full<Bytes>>;
+
+/// Answers requests for the token from a [`TokenCell`].
+pub struct TokenApi {
+    cell: Arc<TokenCell>,
+    wait_for_token: Duration,
+    allowed_hosts: Vec<String>,
+    listen_ips: Vec<IpAddr>,
+    account_id: String,
+}
+
+impl TokenApi {
+    /// `account_id` names the service account in the metadata account document (`default` when
+    /// unknown, as with an OAuth token).
+    pub fn new(cell: Arc<TokenCell>, settings: &HttpSettings, account_id: Option<&str>) -> Self {
+        Self {
+            cell,
+            wait_for_token: settings.wait_for_token,
+            allowed_hosts: settings.allowed_hosts.clone(),
+            listen_ips: settings.listen.iter().map(SocketAddr::ip).collect(),
+            account_id: account_id.unwrap_or("default").to_owned(),
+        }
+    }
+
+    /// Handles one request. The body is never read.
+    pub async fn handle<B: Body>(&self, req: Request<B>) -> HttpResponse {
+        if let Some(refusal) = self.refuse(&req) {
+            return refusal;
+        }
+        let query = req.uri().query().unwrap_or("");
+        match req.uri().path() {
+            "/token" => match token_format(query) {
+                Ok(format) => self.token(format).await,
+                Err(bad) => text(StatusCode::BAD_REQUEST, bad),
+            },
+            "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            "/readyz" => self.ready(),
+            METADATA_TOKEN_PATH => match metadata_flavor(&req) {
+                Ok(()) => flavored(self.token(Format::Metadata).await),
+                Err(refusal) => refusal,
+            },
+            "/" => flavored(text(StatusCode::OK, "computeMetadata/\n".into())),
+            METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => match metadata_flavor(&req) {
+                Ok(()) => flavored(self.account(req.uri().path(), query)),
+                Err(refusal) => refusal,
+            },
+            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+        }
+    }
+
+    /// Refuses requests that did not come straight from a local process: proxied ones, browser
+    /// ones, ones naming a foreign host (DNS rebinding), and anything but a bodiless GET or HEAD.
+    fn refuse<B: Body>(&self, req: &Request<B>) -> Option<HttpResponse> {
+        let headers = req.headers();
+        if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+            return Some(text(
+                StatusCode::FORBIDDEN,
+                "forwarded requests are refused: the token is only for local processes\n".into(),
+            ));
+        }
+        if headers.contains_key(header::ORIGIN) {
+            return Some(text(
+                StatusCode::FORBIDDEN,
+                "browser requests (with an Origin header) are refused\n".into(),
+            ));
+        }
+        if let Some(host) = headers.get(header::HOST)
+            && !self.host_allowed(host)
+        {
+            return Some(text(
+                StatusCode::FORBIDDEN,
+                "the Host header names neither a loopback address, localhost, nor a configured \
+                 http.allowed_hosts entry\n"
+                    .into(),
+            ));
+        }
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            let mut response = text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET and HEAD are served\n".into(),
+            );
+            response
+                .headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            return Some(response);
+        }
+        let has_body = headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|v| v.as_bytes() != b"0");
+        if has_body {
+            let mut response = text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request bodies are not accepted\n".into(),
+            );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Some(response);
+        }
+        None
+    }
+
+    fn host_allowed(&self, host: &HeaderValue) -> bool {
+        let Ok(host) = host.to_str() else {
+            return false;
+        };
+        let name = strip_port(host);
+        if name.eq_ignore_ascii_case("localhost") {
+            return true;
+        }
+        if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+            return is_loopback(ip) || self.listen_ips.contains(&ip);
+        }
+        self.allowed_hosts
+            .iter()
+            .any(|allowed| allowed.eq_ignore_ascii_case(name))
+    }
+
+    async fn token(&self, format: Format) -> HttpResponse {
+        let Some((token, left)) = self.cell.wait_servable(self.wait_for_token).await else {
+            return self.unavailable();
+        };
+        let expires_in = left.as_secs();
+        let (content_type, body) = match format {
+            Format::Text => (&TEXT, Bytes::copy_from_slice(token.expose_secret().as_bytes())),
+            Format::Json => (
+                &JSON,
+                // The token passed the bearer-token grammar on receipt, so it needs no escaping.
+                Bytes::from(format!(
+                    "{{\"access_token\":\"{}\",\"token_type\":\"Bearer\",\"expires_in\":{expires_in},\"expires_at\":\"{}\"}}",
+                    token.expose_secret(),
+                    humantime::format_rfc3339_seconds(token.expires_at()),
+                )),
+            ),
+            Format::Metadata => (
+                &JSON,
+                Bytes::from(format!(
+                    "{{\"access_token\":\"{}\",\"expires_in\":{expires_in},\"token_type\":\"Bearer\"}}",
+                    token.expose_secret(),
+                )),
+            ),
+        };
+        let mut response = Response::new(Full::new(body));
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, content_type.clone());
+        headers.insert(header::CACHE_CONTROL, NO_STORE.clone());
+        response
+    }
+
+    fn unavailable(&self) -> HttpResponse {
+        let reason = match &*self.cell.load() {
+            None => "no IAM token yet: the first one is being fetched\n",
+            Some(_) => "no valid IAM token: renewal is failing and the last token has expired\n",
+        };
+        let mut response = text(StatusCode::SERVICE_UNAVAILABLE, reason.into());
+        response
+            .headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        response
+    }
+
+    fn ready(&self) -> HttpResponse {
+        match self.cell.servable() {
+            Some((_, left)) => text(
+                StatusCode::OK,
+                format!("ready: token valid for {}s\n", left.as_secs()),
+            ),
+            None => {
+                let mut response = text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no servable IAM token\n".into(),
+                );
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+            }
+        }
+    }
+
+    /// The service-account document google-auth reads (`?recursive=true`) and the email path.
+    fn account(&self, path: &str, query: &str) -> HttpResponse {
+        if path == METADATA_EMAIL_PATH {
+            return text(StatusCode::OK, self.account_id.clone());
+        }
+        if !query.split('&').any(|pair| pair == "recursive=true") {
+            return text(StatusCode::OK, "aliases\nemail\nscopes\ntoken\n".into());
+        }
+        let body = serde_json::json!({
+            "aliases": ["default"],
+            "email": self.account_id,
+            "scopes": ["https://www.googleapis.com/auth/cloud-platform"],
+        });
+        let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, JSON.clone());
+        response
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Text,
+    Json,
+    Metadata,
+}
+
+fn token_format(query: &str) -> Result<Format, String> {
+    let mut format = Format::Text;
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("format", "json")) => format = Format::Json,
+            Some(("format", "text")) => format = Format::Text,
+            Some(("format", other)) => {
+                return Err(format!(
+                    "unknown format {other:?}: use format=json or format=text\n"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(format)
+}
+
+fn metadata_flavor<B>(req: &Request<B>) -> Result<(), HttpResponse> {
+    match req.headers().get(&METADATA_FLAVOR) {
+        Some(value) if value == GOOGLE => Ok(()),
+        _ => Err(flavored(text(
+            StatusCode::FORBIDDEN,
+            "missing header Metadata-Flavor: Google\n".into(),
+        ))),
+    }
+}
+
+fn flavored(mut response: HttpResponse) -> HttpResponse {
+    response
+        .headers_mut()
+        .insert(METADATA_FLAVOR.clone(), GOOGLE.clone());
+    response
+}
+
+fn text(status: StatusCode, body: String) -> HttpResponse {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, TEXT.clone());
+    headers.insert(header::CACHE_CONTROL, NO_STORE.clone());
+    response
+}
+
+/// `host:port`, `[v6]:port` or a bare host → the host part.
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            name
+        }
+        _ => host,
+    }
+}
+
+/// Serves `api` on `listeners` until `shutdown` resolves, then stops accepting and gives open
+/// requests up to `grace` to finish.
+pub async fn serve(
+    listeners: Vec<TcpListener>,
+    api: Arc<TokenApi>,
+    shutdown: impl Future<Output = ()>,
+    grace: Duration,
+) {
+    let (accepted, mut incoming) = mpsc::channel::<(TcpStream, SocketAddr)>(64);
+    let mut acceptors = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let accepted = accepted.clone();
+        acceptors.spawn(accept_loop(listener, accepted));
+    }
+    drop(accepted);
+
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(16 * 1024);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            next = incoming.recv() => {
+                let Some((stream, _peer)) = next else { break };
+                let api = Arc::clone(&api);
+                let service = service_fn(move |req| {
+                    let api = Arc::clone(&api);
+                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                });
+                let connection = builder.serve_connection(TokioIo::new(stream), service);
+                let watched = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(error) = watched.await {
+                        tracing::debug!(%error, "HTTP connection ended with an error");
+                    }
+                });
+            }
+        }
+    }
+    // Stop accepting: closing the listeners refuses new connections at once.
+    acceptors.shutdown().await;
+    drop(incoming);
+    let open = graceful.count();
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            connections = open,
+            grace = %humantime::format_duration(grace),
+            "HTTP connections still open after the shutdown grace period; closing them"
+        );
+    }
+}
+
+async fn accept_loop(listener: TcpListener, accepted: mpsc::Sender<(TcpStream, SocketAddr)>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                if accepted.send((stream, peer)).await.is_err() {
+                    return;
+                }
+            }
+            Err(error) => {
+                // Out of file descriptors and the like: do not spin.
+                tracing::warn!(%error, "accepting an HTTP connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_is_stripped() {
+        assert_eq!(strip_port("localhost:4268"), "localhost");
+        assert_eq!(strip_port("127.0.0.1"), "127.0.0.1");
+        assert_eq!(strip_port("[::1]:4268"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("evil.example:80"), "evil.example");
+    }
+
+    #[test]
+    fn token_format_query() {
+        assert_eq!(token_format(""), Ok(Format::Text));
+        assert_eq!(token_format("format=json"), Ok(Format::Json));
+        assert_eq!(token_format("x=1&format=text"), Ok(Format::Text));
+        assert!(token_format("format=xml").is_err());
+    }
+}
