@@ -138,7 +138,11 @@ mod tests {
     async fn waiting_reader_gives_up_after_the_limit() {
         let cell = TokenCell::new();
         let started = Instant::now();
-        assert!(cell.wait_servable(Duration::from_millis(300)).await.is_none());
+        assert!(
+            cell.wait_servable(Duration::from_millis(300))
+                .await
+                .is_none()
+        );
         assert_eq!(started.elapsed(), Duration::from_millis(300));
     }
 

@@ -118,8 +118,11 @@ impl<'de> Deserialize<'de> for HumanDuration {
 
 /// Parses a humantime duration with a message that shows the accepted form.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    humantime::parse_duration(text.trim())
-        .map_err(|e| format!("invalid duration {text:?}: {e} (write it like \"500ms\", \"90s\", \"5m\" or \"1h\")"))
+    humantime::parse_duration(text.trim()).map_err(|e| {
+        format!(
+            "invalid duration {text:?}: {e} (write it like \"500ms\", \"90s\", \"5m\" or \"1h\")"
+        )
+    })
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
@@ -319,7 +322,10 @@ impl Settings {
         }
         let http = HttpSettings {
             listen,
-            allowed_hosts: allowed_hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            allowed_hosts: allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             wait_for_token: file
                 .http
                 .wait_for_token
@@ -426,7 +432,12 @@ fn refresh_policy(section: &RefreshSection) -> Result<RefreshPolicy, (&'static s
     };
     let policy = RefreshPolicy {
         max_age: positive(section.max_age, d.max_age).map_err(|m| ("refresh.max_age", m))?,
-        renew_fraction: fraction("refresh.renew_fraction", section.renew_fraction, d.renew_fraction, 0.9)?,
+        renew_fraction: fraction(
+            "refresh.renew_fraction",
+            section.renew_fraction,
+            d.renew_fraction,
+            0.9,
+        )?,
         jitter: fraction("refresh.jitter", section.jitter, d.jitter, 0.5)?,
         min_interval: positive(section.min_interval, d.min_interval)
             .map_err(|m| ("refresh.min_interval", m))?,
@@ -437,7 +448,10 @@ fn refresh_policy(section: &RefreshSection) -> Result<RefreshPolicy, (&'static s
             .map_err(|m| ("refresh.backoff_max", m))?,
     };
     if policy.renew_fraction == 0.0 {
-        return Err(("refresh.renew_fraction", "must be greater than zero".to_owned()));
+        return Err((
+            "refresh.renew_fraction",
+            "must be greater than zero".to_owned(),
+        ));
     }
     if policy.backoff_max < policy.backoff_initial {
         return Err((
@@ -469,7 +483,9 @@ pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
 pub fn is_loopback(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => v4.is_loopback(),
-        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
     }
 }
 
@@ -517,11 +533,16 @@ mod tests {
 
     #[test]
     fn bad_duration_names_the_line_and_the_value() {
-        let err = load_str("[credentials]\noauth_token_file = \"/t\"\n[refresh]\nmax_age = \"5 parsecs\"\n")
-            .unwrap_err()
-            .to_string();
+        let err = load_str(
+            "[credentials]\noauth_token_file = \"/t\"\n[refresh]\nmax_age = \"5 parsecs\"\n",
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.starts_with("test.toml:4:"), "{err}");
-        assert!(err.contains("5 parsecs") && err.contains("max_age"), "{err}");
+        assert!(
+            err.contains("5 parsecs") && err.contains("max_age"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -531,7 +552,10 @@ mod tests {
             ("[iam]\nendpoint = \"ftp://x\"", "iam.endpoint"),
             ("[refresh]\njitter = 2.0", "refresh.jitter"),
             ("[refresh]\nmax_age = \"0s\"", "refresh.max_age"),
-            ("[refresh]\nbackoff_initial = \"2m\"\nbackoff_max = \"1m\"", "refresh.backoff_max"),
+            (
+                "[refresh]\nbackoff_initial = \"2m\"\nbackoff_max = \"1m\"",
+                "refresh.backoff_max",
+            ),
             ("[http]\nallowed_hosts = [\"a b\"]", "http.allowed_hosts"),
         ];
         for (body, field) in cases {
@@ -565,16 +589,29 @@ mod tests {
             ..Overrides::default()
         };
         let s = Settings::from_file_config(file(), "t", &flag, &env).unwrap();
-        assert_eq!(s.credentials, CredentialsSource::KeyFile("/flag/key.json".into()));
+        assert_eq!(
+            s.credentials,
+            CredentialsSource::KeyFile("/flag/key.json".into())
+        );
         let s = Settings::from_file_config(file(), "t", &Overrides::default(), &env).unwrap();
-        assert_eq!(s.credentials, CredentialsSource::OAuthTokenFile("/file/token".into()));
+        assert_eq!(
+            s.credentials,
+            CredentialsSource::OAuthTokenFile("/file/token".into())
+        );
         let s = Settings::from_file_config(FileConfig::default(), "t", &Overrides::default(), &env)
             .unwrap();
-        assert_eq!(s.credentials, CredentialsSource::KeyFile("/env/key.json".into()));
+        assert_eq!(
+            s.credentials,
+            CredentialsSource::KeyFile("/env/key.json".into())
+        );
         let only_token = |name: &str| (name == ENV_OAUTH_TOKEN).then(|| "y0_env\n".to_owned());
-        let s =
-            Settings::from_file_config(FileConfig::default(), "t", &Overrides::default(), &only_token)
-                .unwrap();
+        let s = Settings::from_file_config(
+            FileConfig::default(),
+            "t",
+            &Overrides::default(),
+            &only_token,
+        )
+        .unwrap();
         assert_eq!(
             s.credentials,
             CredentialsSource::OAuthTokenEnv(SecretString::new("y0_env".to_owned()))
@@ -591,7 +628,10 @@ mod tests {
         )
         .unwrap_err()
         .to_string();
-        assert!(err.contains(ENV_KEY_FILE) && err.contains("--key-file"), "{err}");
+        assert!(
+            err.contains(ENV_KEY_FILE) && err.contains("--key-file"),
+            "{err}"
+        );
     }
 
     #[test]

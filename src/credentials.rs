@@ -45,13 +45,17 @@ pub enum CredentialsError {
     },
     #[error("{path}: private_key holds no PEM block (no \"-----BEGIN\" line)")]
     NoPem { path: PathBuf },
-    #[error("{path}: private_key is encrypted; write the key unencrypted as `yc iam key create` does")]
+    #[error(
+        "{path}: private_key is encrypted; write the key unencrypted as `yc iam key create` does"
+    )]
     EncryptedKey { path: PathBuf },
     #[error("{path}: private_key is not a usable RSA private key ({reason})")]
     BadKey { path: PathBuf, reason: String },
     #[error("{path}: the OAuth token file is empty")]
     EmptyOAuthToken { path: PathBuf },
-    #[error("{origin}: the OAuth token is {len} characters; IAM accepts at most {MAX_OAUTH_TOKEN_LEN}")]
+    #[error(
+        "{origin}: the OAuth token is {len} characters; IAM accepts at most {MAX_OAUTH_TOKEN_LEN}"
+    )]
     OAuthTokenTooLong { origin: String, len: usize },
     #[error("{origin}: the OAuth token contains whitespace or control characters")]
     OAuthTokenBadCharacter { origin: String },
@@ -82,10 +86,13 @@ pub struct ServiceAccountKey {
 impl ServiceAccountKey {
     /// Loads a key file as written by `yc iam key create`.
     pub fn from_file(path: &Path) -> Result<Self, CredentialsError> {
-        let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| CredentialsError::Read {
-            path: path.to_owned(),
-            source,
-        })?);
+        let bytes =
+            Zeroizing::new(
+                std::fs::read(path).map_err(|source| CredentialsError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?,
+            );
         Self::from_json(&bytes, path)
     }
 
@@ -101,7 +108,11 @@ impl ServiceAccountKey {
                 serde_json::error::Category::Eof => "the JSON ends too early".to_owned(),
                 serde_json::error::Category::Io => "the JSON could not be read".to_owned(),
                 serde_json::error::Category::Syntax => {
-                    format!("JSON syntax error at line {} column {}", e.line(), e.column())
+                    format!(
+                        "JSON syntax error at line {} column {}",
+                        e.line(),
+                        e.column()
+                    )
                 }
                 serde_json::error::Category::Data => format!(
                     "unexpected JSON value at line {} column {} (expected an object of strings)",
@@ -341,7 +352,8 @@ mod tests {
         let mut validation = Validation::new(Algorithm::PS256);
         validation.set_audience(&[JWT_AUDIENCE]);
         validation.set_required_spec_claims(&["exp", "iat", "iss", "aud"]);
-        let data = jsonwebtoken::decode::<Claims>(jwt, key, &validation).expect("signature verifies");
+        let data =
+            jsonwebtoken::decode::<Claims>(jwt, key, &validation).expect("signature verifies");
         (data.header, data.claims)
     }
 
@@ -359,7 +371,10 @@ mod tests {
         assert_eq!(header.kid.as_deref(), Some("ajetestkey2048pkcs8xx"));
         assert_eq!(claims.iss, "ajetestserviceaccount");
         assert_eq!(claims.aud, JWT_AUDIENCE);
-        let now_secs = now.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs();
+        let now_secs = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         assert_eq!(claims.iat, now_secs);
         assert_eq!(claims.exp - claims.iat, 3600);
     }
@@ -386,7 +401,11 @@ mod tests {
         use aws_lc_rs::signature::{RSA_PSS_2048_8192_SHA256, UnparsedPublicKey};
         use base64::Engine;
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        for name in ["sa-key-rsa2048.json", "sa-key-rsa4096.json", "sa-key-pkcs1-camel.json"] {
+        for name in [
+            "sa-key-rsa2048.json",
+            "sa-key-rsa4096.json",
+            "sa-key-pkcs1-camel.json",
+        ] {
             let key = ServiceAccountKey::from_file(&fixture(name)).unwrap();
             let jwt = key.sign_jwt(SystemTime::now()).unwrap();
             let (message, signature) = jwt.expose_secret().rsplit_once('.').unwrap();
@@ -408,7 +427,9 @@ mod tests {
     fn b64_pem_body(pem: &str) -> Vec<u8> {
         use base64::Engine;
         let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-        base64::engine::general_purpose::STANDARD.decode(body).unwrap()
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap()
     }
 
     #[test]
@@ -451,12 +472,17 @@ mod tests {
             (b"", "ends too early"),
             (b"{\"id\": ", "ends too early"),
             (b"[1,2]", "unexpected JSON value"),
-            (b"{\"id\":\"a\",\"service_account_id\":\"b\"}", "`private_key` is missing"),
+            (
+                b"{\"id\":\"a\",\"service_account_id\":\"b\"}",
+                "`private_key` is missing",
+            ),
             (truncated.as_bytes(), "ends too early"),
             (corrupted_body.as_bytes(), "not a usable RSA private key"),
         ];
         for (json, want) in cases {
-            let err = ServiceAccountKey::from_json(json, path).unwrap_err().to_string();
+            let err = ServiceAccountKey::from_json(json, path)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("/etc/key.json"), "{err}");
             assert!(err.contains(want), "want {want:?}: {err}");
             assert!(!err.contains("PRIVATE KEY-----\n"), "{err}");
@@ -464,7 +490,10 @@ mod tests {
         let missing = ServiceAccountKey::from_file(Path::new("/nonexistent/key.json"))
             .unwrap_err()
             .to_string();
-        assert!(missing.starts_with("cannot read /nonexistent/key.json"), "{missing}");
+        assert!(
+            missing.starts_with("cannot read /nonexistent/key.json"),
+            "{missing}"
+        );
     }
 
     #[test]
@@ -472,7 +501,10 @@ mod tests {
         let key = ServiceAccountKey::from_file(&fixture("sa-key-rsa2048.json")).unwrap();
         let creds = Credentials::ServiceAccountKey(key);
         let shown = format!("{creds:?}");
-        assert!(shown.contains("ajetestkey2048pkcs8xx") && shown.contains("****"), "{shown}");
+        assert!(
+            shown.contains("ajetestkey2048pkcs8xx") && shown.contains("****"),
+            "{shown}"
+        );
         assert!(!shown.contains("MII"), "{shown}");
         let oauth = Credentials::OAuthToken(SecretString::new("y0_secret".into()));
         assert_eq!(format!("{oauth:?}"), "OAuthToken(****)");

@@ -85,7 +85,9 @@ impl Default for Emulator {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Emulator {
@@ -139,6 +141,11 @@ impl Emulator {
         lock(&self.state.script).extend(steps);
     }
 
+    /// Drops every queued answer not yet used.
+    pub fn clear_script(&self) {
+        lock(&self.state.script).clear();
+    }
+
     /// Changes the lifetime of unscripted tokens.
     pub fn set_default_lifetime(&self, lifetime: Duration) {
         *lock(&self.state.default_lifetime) = lifetime;
@@ -184,12 +191,16 @@ impl Emulator {
     /// Checks the identity as IAM does; returns the key id of a verified JWT.
     fn verify(&self, identity: Option<Identity>) -> Result<(Option<String>, bool), Status> {
         match identity {
-            None => Err(Status::invalid_argument("One of the options must be selected")),
+            None => Err(Status::invalid_argument(
+                "One of the options must be selected",
+            )),
             Some(Identity::YandexPassportOauthToken(token)) => {
                 if lock(&self.state.oauth_tokens).contains(&token) {
                     Ok((None, true))
                 } else {
-                    Err(Status::unauthenticated("The OAuth token is invalid or revoked"))
+                    Err(Status::unauthenticated(
+                        "The OAuth token is invalid or revoked",
+                    ))
                 }
             }
             Some(Identity::Jwt(jwt)) => self.verify_jwt(&jwt).map(|kid| (Some(kid), false)),
@@ -233,9 +244,7 @@ impl Emulator {
             ));
         }
         if claims.exp.saturating_sub(claims.iat) > JWT_LIFETIME.as_secs() {
-            return Err(Status::unauthenticated(
-                "The JWT lifetime exceeds one hour",
-            ));
+            return Err(Status::unauthenticated("The JWT lifetime exceeds one hour"));
         }
         let now = SystemTime::now()
             .duration_since(SystemTime::UNIX_EPOCH)

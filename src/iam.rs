@@ -113,8 +113,10 @@ fn clean(text: &str) -> String {
 
 /// The one remote call the refresher makes. Production uses [`GrpcIam`]; tests script it.
 pub trait CreateToken: Send + Sync + 'static {
-    fn create(&self, identity: Identity)
-    -> impl Future<Output = Result<IssuedToken, IamError>> + Send;
+    fn create(
+        &self,
+        identity: Identity,
+    ) -> impl Future<Output = Result<IssuedToken, IamError>> + Send;
 }
 
 /// `IamTokenService` over gRPC with tonic.
@@ -263,7 +265,11 @@ mod tests {
             request_id: None,
             server_trace_id: None,
         };
-        for code in [Code::InvalidArgument, Code::Unauthenticated, Code::PermissionDenied] {
+        for code in [
+            Code::InvalidArgument,
+            Code::Unauthenticated,
+            Code::PermissionDenied,
+        ] {
             assert!(status(code).is_permanent(), "{code:?}");
         }
         for code in [
@@ -298,7 +304,10 @@ mod tests {
     #[test]
     fn timestamps_convert_both_ways() {
         let t = SystemTime::UNIX_EPOCH + Duration::new(1_700_000_000, 5);
-        assert_eq!(timestamp_to_system_time(system_time_to_timestamp(t)), Some(t));
+        assert_eq!(
+            timestamp_to_system_time(system_time_to_timestamp(t)),
+            Some(t)
+        );
         let bad = prost_types::Timestamp {
             seconds: 1,
             nanos: -1,

@@ -55,7 +55,11 @@ struct CommonArgs {
     #[arg(long, env = "YC_IAM_SIDECAR_KEY_FILE")]
     key_file: Option<PathBuf>,
     /// File holding a Yandex OAuth token (overrides the config file).
-    #[arg(long, env = "YC_IAM_SIDECAR_OAUTH_TOKEN_FILE", conflicts_with = "key_file")]
+    #[arg(
+        long,
+        env = "YC_IAM_SIDECAR_OAUTH_TOKEN_FILE",
+        conflicts_with = "key_file"
+    )]
     oauth_token_file: Option<PathBuf>,
     /// IAM endpoint (overrides iam.endpoint).
     #[arg(long, env = "YC_IAM_SIDECAR_IAM_ENDPOINT")]
@@ -70,7 +74,12 @@ struct ServeArgs {
     #[command(flatten)]
     common: CommonArgs,
     /// Address to serve on, IP:PORT; repeat for several (replaces http.listen).
-    #[arg(long, short = 'l', env = "YC_IAM_SIDECAR_LISTEN", value_delimiter = ',')]
+    #[arg(
+        long,
+        short = 'l',
+        env = "YC_IAM_SIDECAR_LISTEN",
+        value_delimiter = ','
+    )]
     listen: Vec<String>,
 }
 
@@ -163,7 +172,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => {
-            tracing::error!(error = %failure.message, "exiting");
+            // One line on stderr, whatever the log format: supervisors show it as it is.
             eprintln!("yc-iam-sidecar: error: {}", failure.message);
             ExitCode::from(failure.code)
         }
@@ -217,7 +226,11 @@ async fn token(args: TokenArgs) -> Result<(), Failure> {
     let token = daemon::fetch_once(&settings, Arc::new(credentials), iam, args.timeout)
         .await
         .map_err(|e| {
-            let code = if e.is_permanent() { EX_CONFIG } else { EX_UNAVAILABLE };
+            let code = if e.is_permanent() {
+                EX_CONFIG
+            } else {
+                EX_UNAVAILABLE
+            };
             Failure::new(code, e)
         })?;
     println!("{}", token.expose_secret());
@@ -227,7 +240,12 @@ async fn token(args: TokenArgs) -> Result<(), Failure> {
 fn check_config(args: CommonArgs) -> Result<(), Failure> {
     let (settings, credentials) = load(&args, Vec::new())?;
     GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
-    let listen: Vec<String> = settings.http.listen.iter().map(ToString::to_string).collect();
+    let listen: Vec<String> = settings
+        .http
+        .listen
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     println!(
         "configuration OK: {}; IAM {}; listening on {}",
         credentials.describe(),
@@ -244,7 +262,12 @@ async fn dev(args: DevArgs) -> Result<(), Failure> {
     };
     let emulator_listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
-        .map_err(|e| Failure::new(EX_UNAVAILABLE, format!("cannot start the IAM emulator: {e}")))?;
+        .map_err(|e| {
+            Failure::new(
+                EX_UNAVAILABLE,
+                format!("cannot start the IAM emulator: {e}"),
+            )
+        })?;
     let emulator_addr = emulator_listener
         .local_addr()
         .map_err(|e| Failure::new(EX_SOFTWARE, e))?;
@@ -266,7 +289,8 @@ async fn dev(args: DevArgs) -> Result<(), Failure> {
         oauth_token_file: Some("unused".into()),
         ..common.overrides(Vec::new())
     };
-    let settings = Settings::load(None, &overrides, &env).map_err(|e| Failure::new(EX_CONFIG, e))?;
+    let settings =
+        Settings::load(None, &overrides, &env).map_err(|e| Failure::new(EX_CONFIG, e))?;
     init_logging(settings.log.format, &settings.log.filter);
     tracing::warn!(
         emulator = %emulator_addr,

@@ -270,7 +270,10 @@ mod tests {
             let margin = p.serve_margin.min(lifetime / 10);
             let at = refresh_in(lifetime, &p, 0.0);
             if lifetime > p.min_interval * 2 {
-                assert!(at < lifetime - margin, "lifetime {lifetime:?}: renew at {at:?}");
+                assert!(
+                    at < lifetime - margin,
+                    "lifetime {lifetime:?}: renew at {at:?}"
+                );
             }
         }
     }

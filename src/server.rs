@@ -73,15 +73,17 @@ impl TokenApi {
             },
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => self.ready(),
-            METADATA_TOKEN_PATH => match metadata_flavor(&req) {
-                Ok(()) => flavored(self.token(Format::Metadata).await),
-                Err(refusal) => refusal,
-            },
+            METADATA_TOKEN_PATH if has_metadata_flavor(&req) => {
+                flavored(self.token(Format::Metadata).await)
+            }
             "/" => flavored(text(StatusCode::OK, "computeMetadata/\n".into())),
-            METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => match metadata_flavor(&req) {
-                Ok(()) => flavored(self.account(req.uri().path(), query)),
-                Err(refusal) => refusal,
-            },
+            METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH if has_metadata_flavor(&req) => {
+                flavored(self.account(req.uri().path(), query))
+            }
+            METADATA_TOKEN_PATH | METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => flavored(text(
+                StatusCode::FORBIDDEN,
+                "missing header Metadata-Flavor: Google\n".into(),
+            )),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
         }
     }
@@ -147,7 +149,11 @@ impl TokenApi {
         if name.eq_ignore_ascii_case("localhost") {
             return true;
         }
-        if let Ok(ip) = name.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        if let Ok(ip) = name
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
             return is_loopback(ip) || self.listen_ips.contains(&ip);
         }
         self.allowed_hosts
@@ -161,7 +167,10 @@ impl TokenApi {
         };
         let expires_in = left.as_secs();
         let (content_type, body) = match format {
-            Format::Text => (&TEXT, Bytes::copy_from_slice(token.expose_secret().as_bytes())),
+            Format::Text => (
+                &TEXT,
+                Bytes::copy_from_slice(token.expose_secret().as_bytes()),
+            ),
             Format::Json => (
                 &JSON,
                 // The token passed the bearer-token grammar on receipt, so it needs no escaping.
@@ -262,14 +271,10 @@ fn token_format(query: &str) -> Result<Format, String> {
     Ok(format)
 }
 
-fn metadata_flavor<B>(req: &Request<B>) -> Result<(), HttpResponse> {
-    match req.headers().get(&METADATA_FLAVOR) {
-        Some(value) if value == GOOGLE => Ok(()),
-        _ => Err(flavored(text(
-            StatusCode::FORBIDDEN,
-            "missing header Metadata-Flavor: Google\n".into(),
-        ))),
-    }
+/// The metadata server's guard against requests forged through the application (SSRF): a
+/// client must say `Metadata-Flavor: Google`.
+fn has_metadata_flavor<B>(req: &Request<B>) -> bool {
+    req.headers().get(&METADATA_FLAVOR) == Some(&GOOGLE)
 }
 
 fn flavored(mut response: HttpResponse) -> HttpResponse {
@@ -351,7 +356,10 @@ pub async fn serve(
     acceptors.shutdown().await;
     drop(incoming);
     let open = graceful.count();
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(grace, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             connections = open,
             grace = %humantime::format_duration(grace),

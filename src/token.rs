@@ -201,7 +201,10 @@ mod tests {
         let bad = [
             ("", InvalidToken::Empty),
             ("t1.a b", InvalidToken::BadCharacter { position: 4 }),
-            ("t1.a\r\nX-Evil: 1", InvalidToken::BadCharacter { position: 4 }),
+            (
+                "t1.a\r\nX-Evil: 1",
+                InvalidToken::BadCharacter { position: 4 },
+            ),
             ("t1.\"", InvalidToken::BadCharacter { position: 3 }),
             ("t1.ы", InvalidToken::BadCharacter { position: 3 }),
             ("t1.a=b", InvalidToken::BadCharacter { position: 4 }),
@@ -213,14 +216,22 @@ mod tests {
         let long = format!("t1.{}", "a".repeat(MAX_TOKEN_LEN));
         assert_eq!(
             validate_bearer(&long),
-            Err(InvalidToken::TooLong { len: MAX_TOKEN_LEN + 3 })
+            Err(InvalidToken::TooLong {
+                len: MAX_TOKEN_LEN + 3
+            })
         );
     }
 
     #[test]
     fn expiry_in_the_past_or_now_is_refused() {
-        assert!(matches!(accept(-5), Err(InvalidToken::AlreadyExpired { .. })));
-        assert!(matches!(accept(0), Err(InvalidToken::AlreadyExpired { .. })));
+        assert!(matches!(
+            accept(-5),
+            Err(InvalidToken::AlreadyExpired { .. })
+        ));
+        assert!(matches!(
+            accept(0),
+            Err(InvalidToken::AlreadyExpired { .. })
+        ));
         let wall = SystemTime::now();
         let missing = IamToken::accept("t1.a".into(), None, Instant::now(), wall, MARGIN);
         assert_eq!(missing.unwrap_err(), InvalidToken::MissingExpiry);
