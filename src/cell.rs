@@ -19,6 +19,8 @@ pub struct TokenCell {
     stored: Notify,
     /// Raised by a reader that found the token lapsed on the wall clock only.
     lapsed: Notify,
+    /// Set with `lapsed`, cleared when a new token is stored, so stale nudges can be told apart.
+    lapse_reported: AtomicBool,
     /// False while the refresher is in a failure streak.
     healthy: AtomicBool,
 }
@@ -31,6 +33,7 @@ impl TokenCell {
     /// Replaces the token. Only the refresher calls this.
     pub fn store(&self, token: Arc<IamToken>) {
         self.current.store(Some(token));
+        self.lapse_reported.store(false, Ordering::Relaxed);
         self.stored.notify_waiters();
     }
 
@@ -63,6 +66,7 @@ impl TokenCell {
                 // Expired on the wall clock while the monotonic deadline is still ahead: the
                 // machine was suspended or the clock moved. Ask the refresher to renew now.
                 if token.valid_until() > mono_now + token.margin() {
+                    self.lapse_reported.store(true, Ordering::Relaxed);
                     self.lapsed.notify_one();
                 }
                 None
@@ -93,6 +97,11 @@ impl TokenCell {
     /// Resolves when a reader reports a wall-clock lapse.
     pub async fn lapsed(&self) {
         self.lapsed.notified().await;
+    }
+
+    /// True if a reader reported the current token lapsed since it was stored.
+    pub fn lapse_reported(&self) -> bool {
+        self.lapse_reported.load(Ordering::Relaxed)
     }
 
     pub fn set_healthy(&self, healthy: bool) {

@@ -84,6 +84,8 @@ pub struct Refresher<C> {
     credentials: Arc<Credentials>,
     cell: Arc<TokenCell>,
     policy: RefreshPolicy,
+    /// Source of jitter, uniform in `[0, 1)`; fixed in tests.
+    random: fn() -> f64,
 }
 
 impl<C: CreateToken> Refresher<C> {
@@ -98,7 +100,14 @@ impl<C: CreateToken> Refresher<C> {
             credentials,
             cell,
             policy,
+            random: rand::random::<f64>,
         }
+    }
+
+    /// Replaces the jitter source (tests use a constant).
+    pub fn with_random(mut self, random: fn() -> f64) -> Self {
+        self.random = random;
+        self
     }
 
     /// Fetches one token and stores it. Does not sleep or retry.
@@ -142,7 +151,7 @@ impl<C: CreateToken> Refresher<C> {
                 Ok(Renewed { same_token }) => {
                     let token = self.cell.current().expect("a token was just stored");
                     let remaining = token.remaining(Instant::now());
-                    let wait = refresh_in(remaining, &self.policy, rand::random());
+                    let wait = refresh_in(remaining, &self.policy, (self.random)());
                     tracing::info!(
                         credentials = %who,
                         expires_at = %humantime::format_rfc3339_seconds(token.expires_at()),
@@ -160,7 +169,7 @@ impl<C: CreateToken> Refresher<C> {
                 Err(error) => {
                     failures = failures.saturating_add(1);
                     let permanent = error.is_permanent();
-                    let wait = retry_in(failures, permanent, &self.policy, rand::random());
+                    let wait = retry_in(failures, permanent, &self.policy, (self.random)());
                     self.log_failure(&error, permanent, permanent_streak, failures, wait);
                     permanent_streak = permanent;
                     self.cell.set_healthy(false);
@@ -219,7 +228,9 @@ impl<C: CreateToken> Refresher<C> {
             tokio::select! {
                 _ = tokio::time::sleep_until(deadline) => return,
                 _ = self.cell.lapsed() => {
-                    if !self.cell.is_healthy() {
+                    // Stale nudges (about a token already replaced) and nudges during a failure
+                    // streak (backoff rules then) are ignored.
+                    if !self.cell.is_healthy() || !self.cell.lapse_reported() {
                         continue;
                     }
                     let earliest = attempt_started + self.policy.min_interval;
@@ -239,6 +250,162 @@ fn whole_secs(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::iam::IssuedToken;
+    use crate::iam::proto::create_iam_token_request::Identity;
+    use crate::secret::SecretString;
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use tonic::Code;
+
+    /// A scripted IAM: each call pops the next answer (a token lifetime or a failure code) and
+    /// records when it was asked, on tokio's clock.
+    #[derive(Clone, Default)]
+    struct ScriptedIam {
+        answers: Arc<Mutex<VecDeque<Result<Duration, Code>>>>,
+        calls: Arc<Mutex<Vec<Instant>>>,
+    }
+
+    impl ScriptedIam {
+        fn new(answers: impl IntoIterator<Item = Result<Duration, Code>>) -> Self {
+            let iam = Self::default();
+            iam.answers.lock().unwrap().extend(answers);
+            iam
+        }
+
+        fn call_offsets(&self, start: Instant) -> Vec<Duration> {
+            self.calls
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|t| *t - start)
+                .collect()
+        }
+    }
+
+    impl CreateToken for ScriptedIam {
+        async fn create(&self, _identity: Identity) -> Result<IssuedToken, IamError> {
+            let n = {
+                let mut calls = self.calls.lock().unwrap();
+                calls.push(Instant::now());
+                calls.len()
+            };
+            let answer = self.answers.lock().unwrap().pop_front();
+            match answer.unwrap_or(Err(Code::Unavailable)) {
+                Ok(lifetime) => Ok(IssuedToken {
+                    iam_token: format!("t1.scripted-{n}"),
+                    expires_at: Some(SystemTime::now() + lifetime),
+                    request_id: None,
+                }),
+                Err(code) => Err(IamError::Status {
+                    code,
+                    message: "scripted".into(),
+                    request_id: None,
+                    server_trace_id: None,
+                }),
+            }
+        }
+    }
+
+    fn no_jitter() -> RefreshPolicy {
+        RefreshPolicy::default()
+    }
+
+    fn spawn(
+        iam: &ScriptedIam,
+        policy: RefreshPolicy,
+    ) -> (Arc<TokenCell>, tokio::task::JoinHandle<()>) {
+        let cell = Arc::new(TokenCell::new());
+        let credentials = Arc::new(Credentials::OAuthToken(SecretString::new("y0_x".into())));
+        let refresher =
+            Refresher::new(iam.clone(), credentials, Arc::clone(&cell), policy).with_random(|| 0.0);
+        (cell, tokio::spawn(refresher.run()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renews_every_max_age_for_twelve_hour_tokens() {
+        let twelve = Duration::from_secs(12 * 3600);
+        let iam = ScriptedIam::new([Ok(twelve), Ok(twelve), Ok(twelve), Ok(twelve)]);
+        let start = Instant::now();
+        let (cell, task) = spawn(&iam, no_jitter());
+        tokio::time::sleep(Duration::from_secs(3 * 3600 + 60)).await;
+        assert_eq!(
+            iam.call_offsets(start),
+            vec![Duration::ZERO, HOUR, 2 * HOUR, 3 * HOUR]
+        );
+        assert_eq!(cell.current().unwrap().expose_secret(), "t1.scripted-4");
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn outage_keeps_the_token_and_backs_off_exponentially() {
+        let lifetime = Duration::from_secs(600);
+        let mut answers = vec![Ok(lifetime)];
+        answers.extend([Err(Code::Unavailable); 5]);
+        answers.push(Ok(lifetime));
+        let iam = ScriptedIam::new(answers);
+        let policy = RefreshPolicy {
+            backoff_initial: Duration::from_secs(2),
+            ..no_jitter()
+        };
+        let start = Instant::now();
+        let (cell, task) = spawn(&iam, policy);
+        // Renewal due at 300 s; it fails five times.
+        tokio::time::sleep(Duration::from_secs(300) + Duration::from_millis(1)).await;
+        assert!(!cell.is_healthy());
+        assert_eq!(cell.current().unwrap().expose_secret(), "t1.scripted-1");
+        assert!(cell.servable().is_some(), "old token still served");
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        // retry_in with random 0 waits half the base: 1, 2, 4, 8, 16 s.
+        let offsets: Vec<u64> = iam
+            .call_offsets(start)
+            .iter()
+            .map(Duration::as_secs)
+            .collect();
+        assert_eq!(offsets, vec![0, 300, 301, 303, 307, 315, 331]);
+        assert!(cell.is_healthy());
+        assert_eq!(cell.current().unwrap().expose_secret(), "t1.scripted-7");
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn permanent_errors_retry_at_the_slow_end() {
+        let iam = ScriptedIam::new([Err(Code::Unauthenticated); 10]);
+        let start = Instant::now();
+        let (cell, task) = spawn(&iam, no_jitter());
+        tokio::time::sleep(Duration::from_secs(200)).await;
+        let offsets: Vec<u64> = iam
+            .call_offsets(start)
+            .iter()
+            .map(Duration::as_secs)
+            .collect();
+        // backoff_max is 60 s, jittered down to no less than 30 s.
+        assert_eq!(offsets, vec![0, 30, 60, 90, 120, 150, 180]);
+        assert!(cell.current().is_none());
+        task.abort();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_lapse_triggers_an_early_renewal_but_no_storm() {
+        let hour = Duration::from_secs(3600);
+        let iam = ScriptedIam::new([Ok(hour), Ok(hour), Ok(hour)]);
+        let start = Instant::now();
+        let (cell, task) = spawn(&iam, no_jitter());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // A reader finds the token expired on the wall clock (the machine slept), many times.
+        let resumed = SystemTime::now() + 2 * hour;
+        for _ in 0..100 {
+            assert!(cell.servable_at(Instant::now(), resumed).is_none());
+        }
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        // One early renewal, no sooner than min_interval after the last attempt.
+        let offsets: Vec<u64> = iam
+            .call_offsets(start)
+            .iter()
+            .map(Duration::as_secs)
+            .collect();
+        assert_eq!(offsets, vec![0, 5]);
+        task.abort();
+    }
 
     const HOUR: Duration = Duration::from_secs(3600);
     const MIN: Duration = Duration::from_secs(60);
