@@ -1,18 +1,25 @@
 //! The token cell: one writer (the refresher), any number of lock-free readers.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::{ArcSwapOption, Guard};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 
 use crate::token::IamToken;
 
+/// What the refresher last did, for status reports (systemd `STATUS=`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RefreshStatus {
+    pub attempts: u64,
+    /// The last failure, cleared by a success.
+    pub last_error: Option<String>,
+}
+
 /// Holds the current token. Readers never wait on the network: they load the current value and
 /// answer from memory.
-#[derive(Default)]
 pub struct TokenCell {
     current: ArcSwapOption<IamToken>,
     /// Wakes requests waiting for the first token.
@@ -23,15 +30,40 @@ pub struct TokenCell {
     lapse_reported: AtomicBool,
     /// False while the refresher is in a failure streak.
     healthy: AtomicBool,
+    status: watch::Sender<RefreshStatus>,
+    /// Distinct tokens this process obtained that may still be valid (for revocation).
+    obtained: Mutex<Vec<Arc<IamToken>>>,
+}
+
+impl Default for TokenCell {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl TokenCell {
     pub fn new() -> Self {
-        Self::default()
+        Self {
+            current: ArcSwapOption::empty(),
+            stored: Notify::new(),
+            lapsed: Notify::new(),
+            lapse_reported: AtomicBool::new(false),
+            healthy: AtomicBool::new(false),
+            status: watch::Sender::new(RefreshStatus::default()),
+            obtained: Mutex::new(Vec::new()),
+        }
     }
 
     /// Replaces the token. Only the refresher calls this.
     pub fn store(&self, token: Arc<IamToken>) {
+        {
+            let mut obtained = self.obtained.lock().unwrap_or_else(|p| p.into_inner());
+            let now = Instant::now();
+            obtained.retain(|t| t.valid_until() > now);
+            if !obtained.iter().any(|t| t.same_secret(&token)) {
+                obtained.push(Arc::clone(&token));
+            }
+        }
         self.current.store(Some(token));
         self.lapse_reported.store(false, Ordering::Relaxed);
         self.stored.notify_waiters();
@@ -102,6 +134,27 @@ impl TokenCell {
     /// True if a reader reported the current token lapsed since it was stored.
     pub fn lapse_reported(&self) -> bool {
         self.lapse_reported.load(Ordering::Relaxed)
+    }
+
+    /// Tokens obtained by this process that have not expired yet.
+    pub fn obtained(&self) -> Vec<Arc<IamToken>> {
+        let now = Instant::now();
+        let obtained = self.obtained.lock().unwrap_or_else(|p| p.into_inner());
+        obtained
+            .iter()
+            .filter(|t| t.valid_until() > now)
+            .cloned()
+            .collect()
+    }
+
+    /// Publishes the refresher's latest status.
+    pub fn report(&self, status: RefreshStatus) {
+        self.status.send_replace(status);
+    }
+
+    /// Follows the refresher's status.
+    pub fn subscribe(&self) -> watch::Receiver<RefreshStatus> {
+        self.status.subscribe()
     }
 
     pub fn set_healthy(&self, healthy: bool) {

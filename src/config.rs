@@ -57,6 +57,10 @@ pub struct FileConfig {
     pub http: HttpSection,
     #[serde(default)]
     pub log: LogSection,
+    #[serde(default)]
+    pub metrics: MetricsSection,
+    #[serde(default)]
+    pub sink: Option<SinkSection>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +77,8 @@ pub struct IamSection {
     pub ca_file: Option<PathBuf>,
     pub call_timeout: Option<HumanDuration>,
     pub connect_timeout: Option<HumanDuration>,
+    pub revoke_on_shutdown: Option<bool>,
+    pub revoke_timeout: Option<HumanDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -94,6 +100,38 @@ pub struct HttpSection {
     pub allowed_hosts: Option<Vec<String>>,
     pub wait_for_token: Option<HumanDuration>,
     pub shutdown_grace: Option<HumanDuration>,
+    pub unix_socket_mode: Option<String>,
+    pub unix_socket_group: Option<u32>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    pub listen: Option<Vec<String>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSection {
+    pub path: PathBuf,
+    pub format: Option<SinkFormat>,
+    pub mode: Option<String>,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    pub command: Option<Vec<String>>,
+    pub signal: Option<String>,
+    pub pid_file: Option<PathBuf>,
+}
+
+/// How the token is written to a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SinkFormat {
+    /// The bare token, no newline.
+    #[default]
+    Raw,
+    /// `{"access_token","token_type","expires_at"}`.
+    Json,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -154,22 +192,58 @@ pub enum CredentialsSource {
     OAuthTokenEnv(SecretString),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct IamSettings {
     pub endpoint: String,
     pub ca_file: Option<PathBuf>,
     /// Deadline of one Create call, connection included.
     pub call_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Revoke the tokens this process obtained when it shuts down.
+    pub revoke_on_shutdown: bool,
+    pub revoke_timeout: Duration,
 }
 
-#[derive(Debug, Clone)]
+/// Where to listen: a TCP address or a Unix socket path (`unix:/run/x.sock`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => addr.fmt(f),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
-    pub listen: Vec<SocketAddr>,
+    pub listen: Vec<ListenAddr>,
+    /// Permission bits and group of Unix sockets.
+    pub unix_socket_mode: u32,
+    pub unix_socket_group: Option<u32>,
     /// Extra `Host` header values accepted besides loopback addresses and `localhost`.
     pub allowed_hosts: Vec<String>,
     pub wait_for_token: Duration,
     pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SinkSettings {
+    pub path: PathBuf,
+    pub format: SinkFormat,
+    pub mode: u32,
+    pub owner: Option<u32>,
+    pub group: Option<u32>,
+    /// Run after each write (argv; no shell).
+    pub command: Vec<String>,
+    /// Send this signal to the pid in `pid_file` after each write.
+    pub signal: Option<String>,
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone)]
@@ -186,12 +260,20 @@ pub struct Settings {
     pub refresh: RefreshPolicy,
     pub http: HttpSettings,
     pub log: LogSettings,
+    /// Separate listeners serving only `/metrics`, `/healthz` and `/readyz`.
+    pub metrics_listen: Vec<SocketAddr>,
+    pub sink: Option<SinkSettings>,
 }
 
 impl Default for HttpSettings {
     fn default() -> Self {
         Self {
-            listen: vec![SocketAddr::from(([127, 0, 0, 1], DEFAULT_PORT))],
+            listen: vec![ListenAddr::Tcp(SocketAddr::from((
+                [127, 0, 0, 1],
+                DEFAULT_PORT,
+            )))],
+            unix_socket_mode: 0o660,
+            unix_socket_group: None,
             allowed_hosts: Vec::new(),
             // The Python SDK gives up after 1 s; answering 503 before that lets it report a
             // clear error instead of a timeout.
@@ -208,6 +290,8 @@ impl Default for IamSettings {
             ca_file: None,
             call_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
+            revoke_on_shutdown: false,
+            revoke_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -292,6 +376,9 @@ impl Settings {
                 .map_err(|m| invalid("iam.call_timeout", m))?,
             connect_timeout: positive(file.iam.connect_timeout, defaults.connect_timeout)
                 .map_err(|m| invalid("iam.connect_timeout", m))?,
+            revoke_on_shutdown: file.iam.revoke_on_shutdown.unwrap_or(false),
+            revoke_timeout: positive(file.iam.revoke_timeout, defaults.revoke_timeout)
+                .map_err(|m| invalid("iam.revoke_timeout", m))?,
         };
 
         let refresh = refresh_policy(&file.refresh).map_err(|(f, m)| invalid(f, m))?;
@@ -320,8 +407,14 @@ impl Settings {
                 ));
             }
         }
+        let unix_socket_mode = match &file.http.unix_socket_mode {
+            None => http_defaults.unix_socket_mode,
+            Some(text) => parse_mode(text).map_err(|m| invalid("http.unix_socket_mode", m))?,
+        };
         let http = HttpSettings {
             listen,
+            unix_socket_mode,
+            unix_socket_group: file.http.unix_socket_group,
             allowed_hosts: allowed_hosts
                 .iter()
                 .map(|h| h.to_ascii_lowercase())
@@ -345,12 +438,31 @@ impl Settings {
             filter: file.log.filter.unwrap_or(log_defaults.filter),
         };
 
+        let metrics_listen = file
+            .metrics
+            .listen
+            .unwrap_or_default()
+            .iter()
+            .map(|a| match parse_listen(a)? {
+                ListenAddr::Tcp(addr) => Ok(addr),
+                ListenAddr::Unix(_) => Err("metrics listeners are TCP only".to_owned()),
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| invalid("metrics.listen", m))?;
+
+        let sink = match file.sink {
+            None => None,
+            Some(section) => Some(sink_settings(section).map_err(|(f, m)| invalid(f, m))?),
+        };
+
         Ok(Settings {
             credentials,
             iam,
             refresh,
             http,
             log,
+            metrics_listen,
+            sink,
         })
     }
 }
@@ -472,10 +584,70 @@ fn refresh_policy(section: &RefreshSection) -> Result<RefreshPolicy, (&'static s
     Ok(policy)
 }
 
-/// Parses one listen address: `IP:PORT`, with IPv6 in brackets (`[::1]:4268`).
-pub fn parse_listen(text: &str) -> Result<SocketAddr, String> {
-    text.trim().parse::<SocketAddr>().map_err(|_| {
-        format!("{text:?} is not an address like \"127.0.0.1:{DEFAULT_PORT}\" or \"[::1]:{DEFAULT_PORT}\"")
+/// Parses one listen address: `IP:PORT`, with IPv6 in brackets (`[::1]:4268`), or
+/// `unix:/absolute/path`.
+pub fn parse_listen(text: &str) -> Result<ListenAddr, String> {
+    let text = text.trim();
+    if let Some(path) = text.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(format!("{text:?}: a Unix socket path must be absolute"));
+        }
+        return Ok(ListenAddr::Unix(path));
+    }
+    text.parse::<SocketAddr>().map(ListenAddr::Tcp).map_err(|_| {
+        format!(
+            "{text:?} is not an address like \"127.0.0.1:{DEFAULT_PORT}\", \"[::1]:{DEFAULT_PORT}\" \
+             or \"unix:/run/yc-iam-sidecar.sock\""
+        )
+    })
+}
+
+/// Parses file permission bits written in octal, like `"0600"`.
+pub fn parse_mode(text: &str) -> Result<u32, String> {
+    let digits = text.trim().trim_start_matches("0o");
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("{text:?} is not an octal mode like \"0600\"")),
+    }
+}
+
+fn sink_settings(section: SinkSection) -> Result<SinkSettings, (&'static str, String)> {
+    if section.path.as_os_str().is_empty() || section.path.file_name().is_none() {
+        return Err(("sink.path", "must name a file".to_owned()));
+    }
+    let mode = match &section.mode {
+        None => 0o600,
+        Some(text) => parse_mode(text).map_err(|m| ("sink.mode", m))?,
+    };
+    if mode & 0o002 != 0 {
+        return Err((
+            "sink.mode",
+            "must not let others write the token file".to_owned(),
+        ));
+    }
+    let command = section.command.unwrap_or_default();
+    if command.first().is_some_and(String::is_empty) {
+        return Err(("sink.command", "the program name is empty".to_owned()));
+    }
+    if section.signal.is_some() != section.pid_file.is_some() {
+        return Err((
+            "sink.signal",
+            "signal and pid_file go together: name both or neither".to_owned(),
+        ));
+    }
+    if let Some(signal) = &section.signal {
+        crate::sink::parse_signal(signal).map_err(|m| ("sink.signal", m))?;
+    }
+    Ok(SinkSettings {
+        path: section.path,
+        format: section.format.unwrap_or_default(),
+        mode,
+        owner: section.owner,
+        group: section.group,
+        command,
+        signal: section.signal,
+        pid_file: section.pid_file,
     })
 }
 
@@ -516,7 +688,10 @@ mod tests {
         let s = load_str("[credentials]\nservice_account_key_file = \"/k.json\"\n").unwrap();
         assert_eq!(s.credentials, CredentialsSource::KeyFile("/k.json".into()));
         assert_eq!(s.iam.endpoint, DEFAULT_IAM_ENDPOINT);
-        assert_eq!(s.http.listen, vec!["127.0.0.1:4268".parse().unwrap()]);
+        assert_eq!(
+            s.http.listen,
+            vec![ListenAddr::Tcp("127.0.0.1:4268".parse().unwrap())]
+        );
         assert_eq!(s.refresh.max_age, Duration::from_secs(3600));
         assert_eq!(s.http.wait_for_token, Duration::from_millis(500));
     }
@@ -557,6 +732,19 @@ mod tests {
                 "refresh.backoff_max",
             ),
             ("[http]\nallowed_hosts = [\"a b\"]", "http.allowed_hosts"),
+            ("[http]\nlisten = [\"unix:relative.sock\"]", "http.listen"),
+            (
+                "[http]\nunix_socket_mode = \"0999\"",
+                "http.unix_socket_mode",
+            ),
+            ("[metrics]\nlisten = [\"unix:/m.sock\"]", "metrics.listen"),
+            ("[sink]\npath = \"/t\"\nmode = \"0666\"", "sink.mode"),
+            ("[sink]\npath = \"/t\"\nsignal = \"HUP\"", "sink.signal"),
+            (
+                "[sink]\npath = \"/t\"\nsignal = \"NOPE\"\npid_file = \"/p\"",
+                "sink.signal",
+            ),
+            ("[iam]\nrevoke_timeout = \"0s\"", "iam.revoke_timeout"),
         ];
         for (body, field) in cases {
             let text = format!("[credentials]\noauth_token_file = \"/t\"\n{body}\n");
@@ -648,8 +836,26 @@ mod tests {
         let s = Settings::from_file_config(file, "t", &overrides, &no_env).unwrap();
         assert_eq!(
             s.http.listen,
-            vec!["[::1]:9".parse().unwrap(), "127.0.0.2:10".parse().unwrap()]
+            vec![
+                ListenAddr::Tcp("[::1]:9".parse().unwrap()),
+                ListenAddr::Tcp("127.0.0.2:10".parse().unwrap())
+            ]
         );
+    }
+
+    #[test]
+    fn unix_listener_and_sink_parse() {
+        let s = load_str(
+            "[credentials]\noauth_token_file = \"/t\"\n[http]\nlisten = [\"unix:/run/y.sock\", \"127.0.0.1:1\"]\nunix_socket_mode = \"0640\"\nunix_socket_group = 42\n[sink]\npath = \"/run/token\"\nformat = \"json\"\nsignal = \"SIGHUP\"\npid_file = \"/run/app.pid\"\n",
+        )
+        .unwrap();
+        assert_eq!(s.http.listen[0], ListenAddr::Unix("/run/y.sock".into()));
+        assert_eq!(s.http.unix_socket_mode, 0o640);
+        assert_eq!(s.http.unix_socket_group, Some(42));
+        let sink = s.sink.unwrap();
+        assert_eq!(sink.mode, 0o600);
+        assert_eq!(sink.format, SinkFormat::Json);
+        assert_eq!(sink.signal.as_deref(), Some("SIGHUP"));
     }
 
     #[test]

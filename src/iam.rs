@@ -1,4 +1,4 @@
-//! The IAM client: one `IamTokenService/Create` call behind the [`CreateToken`] seam, the tonic
+//! The IAM client: one `IamTokenService/Create` call behind the [`IamApi`] seam, the tonic
 //! implementation of it, and the classification of failures into transient and permanent.
 
 use std::future::Future;
@@ -111,12 +111,16 @@ fn clean(text: &str) -> String {
     out
 }
 
-/// The one remote call the refresher makes. Production uses [`GrpcIam`]; tests script it.
-pub trait CreateToken: Send + Sync + 'static {
+/// The remote calls the sidecar makes. Production uses [`GrpcIam`]; tests script it.
+pub trait IamApi: Send + Sync + 'static {
+    /// `IamTokenService/Create`.
     fn create(
         &self,
         identity: Identity,
     ) -> impl Future<Output = Result<IssuedToken, IamError>> + Send;
+
+    /// `IamTokenService/Revoke`, authenticated with the token itself.
+    fn revoke(&self, token: &str) -> impl Future<Output = Result<(), IamError>> + Send;
 }
 
 /// `IamTokenService` over gRPC with tonic.
@@ -196,7 +200,7 @@ impl GrpcIam {
     }
 }
 
-impl CreateToken for GrpcIam {
+impl IamApi for GrpcIam {
     async fn create(&self, identity: Identity) -> Result<IssuedToken, IamError> {
         let mut client = self.client.clone();
         let mut request = tonic::Request::new(CreateIamTokenRequest {
@@ -221,6 +225,35 @@ impl CreateToken for GrpcIam {
             expires_at: body.expires_at.and_then(timestamp_to_system_time),
             request_id,
         })
+    }
+
+    async fn revoke(&self, token: &str) -> Result<(), IamError> {
+        self.revoke_call(token).await
+    }
+}
+
+impl GrpcIam {
+    async fn revoke_call(&self, token: &str) -> Result<(), IamError> {
+        let mut client = self.client.clone();
+        let mut request = tonic::Request::new(proto::RevokeIamTokenRequest {
+            iam_token: token.to_owned(),
+        });
+        request.set_timeout(self.call_timeout);
+        let mut bearer: tonic::metadata::MetadataValue<_> = format!("Bearer {token}")
+            .parse()
+            .map_err(|_| IamError::Status {
+                code: Code::InvalidArgument,
+                message: "token cannot be sent as a header".to_owned(),
+                request_id: None,
+                server_trace_id: None,
+            })?;
+        bearer.set_sensitive(true);
+        request.metadata_mut().insert("authorization", bearer);
+        match tokio::time::timeout(self.call_timeout, client.revoke(request)).await {
+            Err(_) => Err(IamError::Timeout(self.call_timeout)),
+            Ok(Err(status)) => Err(IamError::from_status(&status)),
+            Ok(Ok(_)) => Ok(()),
+        }
     }
 }
 

@@ -8,16 +8,18 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
-use yc_iam_sidecar::config::{self, LogFormat, Overrides, Settings};
+use yc_iam_sidecar::config::{self, LogFormat, Overrides, Settings, SinkFormat, SinkSettings};
 use yc_iam_sidecar::credentials::{Credentials, ServiceAccountKey};
 use yc_iam_sidecar::daemon;
 use yc_iam_sidecar::emulator::{self, Emulator};
 use yc_iam_sidecar::iam::GrpcIam;
+use yc_iam_sidecar::sink::FileSink;
 
 /// sysexits(3) codes, so supervisors can tell a bad configuration from a bad day.
 const EX_USAGE: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 const EX_SOFTWARE: u8 = 70;
+const EX_CANTCREAT: u8 = 73;
 const EX_CONFIG: u8 = 78;
 
 #[derive(Parser)]
@@ -44,6 +46,19 @@ enum Command {
     CheckConfig(CommonArgs),
     /// Run against a built-in IAM emulator issuing fake tokens (not valid for Yandex Cloud).
     Dev(DevArgs),
+    /// GET a URL (by default the local /readyz) and exit 0 on 200: a probe for images without
+    /// curl.
+    Probe(ProbeArgs),
+}
+
+#[derive(Args, Clone)]
+struct ProbeArgs {
+    /// URL to check, http:// only.
+    #[arg(long, default_value = "http://127.0.0.1:4268/readyz")]
+    url: String,
+    /// Keep trying until 200 or this much time has passed (0: try once).
+    #[arg(long, default_value = "0s", value_parser = config::parse_duration)]
+    wait: Duration,
 }
 
 #[derive(Args, Clone, Default)]
@@ -90,6 +105,15 @@ struct TokenArgs {
     /// Give up on transient IAM failures after this long.
     #[arg(long, default_value = "30s", value_parser = config::parse_duration)]
     timeout: Duration,
+    /// Write the token to this file (atomically, mode --mode) instead of stdout.
+    #[arg(long, short = 'o')]
+    output: Option<PathBuf>,
+    /// Format of the --output file.
+    #[arg(long, value_enum, default_value = "raw")]
+    format: SinkFormat,
+    /// Permission bits of the --output file, octal.
+    #[arg(long, default_value = "0600", value_parser = config::parse_mode)]
+    mode: u32,
 }
 
 #[derive(Args, Clone)]
@@ -167,6 +191,7 @@ fn main() -> ExitCode {
             Some(Command::Token(args)) => token(args).await,
             Some(Command::CheckConfig(args)) => check_config(args),
             Some(Command::Dev(args)) => dev(args).await,
+            Some(Command::Probe(args)) => probe(args).await,
         }
     });
     match result {
@@ -204,17 +229,47 @@ fn load(args: &CommonArgs, listen: Vec<String>) -> Result<(Settings, Credentials
 }
 
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
-    let (settings, credentials) = load(&args.common, args.listen)?;
+    let (settings, credentials) = load(&args.common, args.listen.clone())?;
     let iam = GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
-    let listeners = daemon::bind(&settings.http.listen)
+    let listeners = daemon::bind(&settings)
         .await
         .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
+    let initial = settings.clone();
+    let reload: daemon::ReloadSource<GrpcIam> = Box::new(move || {
+        let settings = args
+            .common
+            .settings(args.listen.clone())
+            .map_err(|e| e.to_string())?;
+        let credentials = Credentials::load(&settings.credentials).map_err(|e| e.to_string())?;
+        let iam = GrpcIam::new(&settings.iam).map_err(|e| e.to_string())?;
+        for (changed, what) in [
+            (settings.http != initial.http, "[http]"),
+            (
+                settings.metrics_listen != initial.metrics_listen,
+                "[metrics]",
+            ),
+            (settings.sink != initial.sink, "[sink]"),
+            (
+                settings.iam.revoke_on_shutdown != initial.iam.revoke_on_shutdown,
+                "iam.revoke_on_shutdown",
+            ),
+        ] {
+            if changed {
+                tracing::warn!(
+                    section = what,
+                    "this change takes effect only after a restart"
+                );
+            }
+        }
+        Ok((Arc::new(credentials), settings.refresh, iam))
+    });
     daemon::run(
         &settings,
         Arc::new(credentials),
         iam,
         listeners,
         shutdown_signal(),
+        Some(reload),
     )
     .await;
     Ok(())
@@ -233,8 +288,82 @@ async fn token(args: TokenArgs) -> Result<(), Failure> {
             };
             Failure::new(code, e)
         })?;
-    println!("{}", token.expose_secret());
+    match args.output {
+        None => println!("{}", token.expose_secret()),
+        Some(path) => {
+            let sink = FileSink::new(SinkSettings {
+                path: path.clone(),
+                format: args.format,
+                mode: args.mode,
+                owner: None,
+                group: None,
+                command: Vec::new(),
+                signal: None,
+                pid_file: None,
+            });
+            sink.write(&token)
+                .map_err(|e| Failure::new(EX_CANTCREAT, e))?;
+            tracing::info!(
+                path = %path.display(),
+                expires_at = %humantime::format_rfc3339_seconds(token.expires_at()),
+                "token written"
+            );
+        }
+    }
     Ok(())
+}
+
+async fn probe(args: ProbeArgs) -> Result<(), Failure> {
+    let give_up = tokio::time::Instant::now() + args.wait;
+    loop {
+        let outcome = probe_once(&args.url).await;
+        match outcome {
+            Ok(200) => return Ok(()),
+            _ if tokio::time::Instant::now() >= give_up => {
+                let reason = match outcome {
+                    Ok(status) => format!("{} answered {status}", args.url),
+                    Err(e) => format!("{}: {e}", args.url),
+                };
+                return Err(Failure::new(1, reason));
+            }
+            _ => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// One GET over plain HTTP/1.1; returns the status code.
+async fn probe_once(url: &str) -> Result<u16, String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or("only http:// URLs can be probed")?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(authority)
+            .await
+            .map_err(|e| e.to_string())?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\n\r\n");
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut head = [0u8; 12];
+        stream
+            .read_exact(&mut head)
+            .await
+            .map_err(|e| e.to_string())?;
+        std::str::from_utf8(&head[9..12])
+            .ok()
+            .and_then(|code| code.parse().ok())
+            .ok_or_else(|| "not an HTTP answer".to_owned())
+    };
+    tokio::time::timeout(Duration::from_secs(1), exchange)
+        .await
+        .map_err(|_| "no answer within 1s".to_owned())?
 }
 
 fn check_config(args: CommonArgs) -> Result<(), Failure> {
@@ -298,7 +427,7 @@ async fn dev(args: DevArgs) -> Result<(), Failure> {
         "DEV MODE: tokens come from a built-in IAM emulator and are NOT valid for Yandex Cloud"
     );
     let iam = GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
-    let listeners = daemon::bind(&settings.http.listen)
+    let listeners = daemon::bind(&settings)
         .await
         .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
     let (stop_emulator, emulator_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -311,6 +440,7 @@ async fn dev(args: DevArgs) -> Result<(), Failure> {
         iam,
         listeners,
         shutdown_signal(),
+        None,
     )
     .await;
     let _ = stop_emulator.send(());

@@ -1,14 +1,18 @@
 //! The refresher: the only writer of the token cell. It renews the token on a schedule derived
 //! from `expires_at`, and on failure keeps the old token while backing off.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::cell::TokenCell;
+use crate::cell::{RefreshStatus, TokenCell};
 use crate::credentials::Credentials;
-use crate::iam::{CreateToken, IamError};
+use crate::iam::{IamApi, IamError};
+use crate::metrics::{Metrics, code_name};
+use crate::sink::FileSink;
 use crate::token::IamToken;
 
 /// When to renew and how to retry. Defaults and their reasons are in `config.example.toml`.
@@ -78,6 +82,22 @@ pub struct Renewed {
     pub same_token: bool,
 }
 
+/// A request to switch to new credentials (SIGHUP). The new credentials must fetch a token
+/// before they are adopted; until then, and if they fail, the old ones stay in force.
+pub struct Reload<C> {
+    pub credentials: Arc<Credentials>,
+    pub policy: RefreshPolicy,
+    pub iam: C,
+    /// Told whether the reload took effect.
+    pub done: oneshot::Sender<Result<(), IamError>>,
+}
+
+/// Why the refresher woke up.
+enum Wake<C> {
+    Due,
+    Reload(Reload<C>),
+}
+
 /// Renews the token in `cell` with `credentials` through `iam`.
 pub struct Refresher<C> {
     iam: C,
@@ -86,9 +106,12 @@ pub struct Refresher<C> {
     policy: RefreshPolicy,
     /// Source of jitter, uniform in `[0, 1)`; fixed in tests.
     random: fn() -> f64,
+    metrics: Option<Arc<Metrics>>,
+    sink: Option<Arc<FileSink>>,
+    reloads: Option<mpsc::Receiver<Reload<C>>>,
 }
 
-impl<C: CreateToken> Refresher<C> {
+impl<C: IamApi> Refresher<C> {
     pub fn new(
         iam: C,
         credentials: Arc<Credentials>,
@@ -101,6 +124,9 @@ impl<C: CreateToken> Refresher<C> {
             cell,
             policy,
             random: rand::random::<f64>,
+            metrics: None,
+            sink: None,
+            reloads: None,
         }
     }
 
@@ -110,10 +136,52 @@ impl<C: CreateToken> Refresher<C> {
         self
     }
 
-    /// Fetches one token and stores it. Does not sleep or retry.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Writes every new token to `sink` before it is stored (and so before readiness).
+    pub fn with_sink(mut self, sink: Arc<FileSink>) -> Self {
+        self.sink = Some(sink);
+        self
+    }
+
+    pub fn with_reloads(mut self, reloads: mpsc::Receiver<Reload<C>>) -> Self {
+        self.reloads = Some(reloads);
+        self
+    }
+
+    /// Fetches one token with the current credentials and stores it. Does not sleep or retry.
     pub async fn refresh_once(&self) -> Result<Renewed, IamError> {
-        let identity = self.credentials.identity(SystemTime::now())?;
-        let issued = self.iam.create(identity).await?;
+        let token = self.fetch(&self.iam, &self.credentials).await?;
+        Ok(self.adopt(token).await)
+    }
+
+    /// One Create call, validated, not yet stored.
+    async fn fetch(&self, iam: &C, credentials: &Credentials) -> Result<IamToken, IamError> {
+        let started = Instant::now();
+        let result = self.fetch_unrecorded(iam, credentials).await;
+        if let Some(metrics) = &self.metrics {
+            let code = match &result {
+                Ok(_) => "OK",
+                Err(IamError::BadAnswer { .. }) => "BAD_ANSWER",
+                Err(IamError::Credentials(_)) => "CREDENTIALS",
+                Err(e) => e.code().map_or("UNKNOWN", code_name),
+            };
+            let called_iam = !matches!(result, Err(IamError::Credentials(_)));
+            metrics.refresh_attempt(result.is_ok(), code, called_iam.then(|| started.elapsed()));
+        }
+        result
+    }
+
+    async fn fetch_unrecorded(
+        &self,
+        iam: &C,
+        credentials: &Credentials,
+    ) -> Result<IamToken, IamError> {
+        let identity = credentials.identity(SystemTime::now())?;
+        let issued = iam.create(identity).await?;
         let (token, capped) = IamToken::accept(
             issued.iam_token,
             issued.expires_at,
@@ -132,38 +200,107 @@ impl<C: CreateToken> Refresher<C> {
                  for 12 hours"
             );
         }
+        Ok(token)
+    }
+
+    /// Writes the token to the sink (if any), then stores it.
+    async fn adopt(&self, token: IamToken) -> Renewed {
+        let token = Arc::new(token);
         let same_token = self
             .cell
             .current()
             .is_some_and(|current| current.same_secret(&token));
-        self.cell.store(Arc::new(token));
-        Ok(Renewed { same_token })
+        if let Some(sink) = &self.sink
+            && !same_token
+        {
+            let (writer, written) = (Arc::clone(sink), Arc::clone(&token));
+            let result = tokio::task::spawn_blocking(move || writer.write(&written)).await;
+            match result {
+                Ok(Ok(())) => {
+                    tracing::debug!(path = %sink.path().display(), "token file written");
+                    if let Err(error) = sink.notify_consumers().await {
+                        tracing::warn!(%error, "token file consumer notification failed");
+                    }
+                }
+                Ok(Err(error)) => tracing::error!(%error, "token file not updated"),
+                Err(error) => tracing::error!(%error, "token file writer failed"),
+            }
+        }
+        self.cell.store(token);
+        Renewed { same_token }
     }
 
-    /// Runs forever: fetch, store, sleep until the next renewal or retry. Cancel by dropping.
-    pub async fn run(self) {
-        let who = self.credentials.describe();
+    /// Runs until `stop` resolves, then hands the refresher back (for revocation).
+    pub async fn run_until(mut self, stop: impl Future<Output = ()>) -> Self {
+        {
+            let running = self.run_loop();
+            tokio::pin!(running);
+            tokio::select! {
+                _ = &mut running => {}
+                _ = stop => {}
+            }
+        }
+        self
+    }
+
+    /// Runs forever. Cancel by dropping.
+    pub async fn run(mut self) {
+        self.run_loop().await;
+    }
+
+    /// Revokes every still-valid token this process obtained, within `limit` in all, and logs
+    /// the outcome. Clients still holding those tokens lose access: this is opt-in.
+    pub async fn revoke_obtained(&self, limit: Duration) {
+        let tokens = self.cell.obtained();
+        if tokens.is_empty() {
+            return;
+        }
+        let total = tokens.len();
+        let revoking = async {
+            let mut revoked = 0;
+            for token in &tokens {
+                match self.iam.revoke(token.expose_secret()).await {
+                    Ok(()) => revoked += 1,
+                    Err(error) => tracing::warn!(
+                        %error,
+                        expires_at = %humantime::format_rfc3339_seconds(token.expires_at()),
+                        "revoking an IAM token failed"
+                    ),
+                }
+            }
+            revoked
+        };
+        match tokio::time::timeout(limit, revoking).await {
+            Ok(revoked) => tracing::info!(
+                revoked,
+                total,
+                "revoked the IAM tokens this process obtained"
+            ),
+            Err(_) => tracing::warn!(
+                total,
+                limit = %humantime::format_duration(limit),
+                "revoking IAM tokens did not finish in time"
+            ),
+        }
+    }
+
+    async fn run_loop(&mut self) {
         let mut failures: u32 = 0;
         let mut permanent_streak = false;
+        let mut attempts: u64 = 0;
         loop {
             let attempt_started = Instant::now();
+            attempts += 1;
             let wait = match self.refresh_once().await {
                 Ok(Renewed { same_token }) => {
-                    let token = self.cell.current().expect("a token was just stored");
-                    let remaining = token.remaining(Instant::now());
-                    let wait = refresh_in(remaining, &self.policy, (self.random)());
-                    tracing::info!(
-                        credentials = %who,
-                        expires_at = %humantime::format_rfc3339_seconds(token.expires_at()),
-                        valid_for = %humantime::format_duration(whole_secs(remaining)),
-                        next_refresh_in = %humantime::format_duration(whole_secs(wait)),
-                        same_token,
-                        after_failures = failures,
-                        "IAM token renewed"
-                    );
+                    let wait = self.log_renewal(same_token, failures);
                     failures = 0;
                     permanent_streak = false;
                     self.cell.set_healthy(true);
+                    self.cell.report(RefreshStatus {
+                        attempts,
+                        last_error: None,
+                    });
                     wait
                 }
                 Err(error) => {
@@ -173,10 +310,84 @@ impl<C: CreateToken> Refresher<C> {
                     self.log_failure(&error, permanent, permanent_streak, failures, wait);
                     permanent_streak = permanent;
                     self.cell.set_healthy(false);
+                    self.cell.report(RefreshStatus {
+                        attempts,
+                        last_error: Some(error.to_string()),
+                    });
+                    self.withdraw_lapsed_file();
                     wait
                 }
             };
-            self.sleep(wait, attempt_started).await;
+            let mut deadline = attempt_started + wait;
+            // Reloads that succeed renew the token themselves and restart the schedule.
+            while let Wake::Reload(reload) = self.sleep(deadline, attempt_started).await {
+                if let Some(wait) = self.reload(reload).await {
+                    failures = 0;
+                    permanent_streak = false;
+                    deadline = Instant::now() + wait;
+                }
+            }
+        }
+    }
+
+    fn log_renewal(&self, same_token: bool, failures: u32) -> Duration {
+        let token = self.cell.current().expect("a token was just stored");
+        let remaining = token.remaining(Instant::now());
+        let wait = refresh_in(remaining, &self.policy, (self.random)());
+        tracing::info!(
+            credentials = %self.credentials.describe(),
+            expires_at = %humantime::format_rfc3339_seconds(token.expires_at()),
+            valid_for = %humantime::format_duration(whole_secs(remaining)),
+            next_refresh_in = %humantime::format_duration(whole_secs(wait)),
+            same_token,
+            after_failures = failures,
+            "IAM token renewed"
+        );
+        wait
+    }
+
+    /// Once no servable token is left, the token file goes too: a reader must never pick up an
+    /// expired token from it.
+    fn withdraw_lapsed_file(&self) {
+        let Some(sink) = &self.sink else { return };
+        if self.cell.current().is_none() || self.cell.servable().is_some() {
+            return;
+        }
+        match sink.remove() {
+            Ok(()) => tracing::warn!(
+                path = %sink.path().display(),
+                "removed the token file: the last token reached its safety margin"
+            ),
+            Err(error) => tracing::error!(%error, "cannot remove the lapsed token file"),
+        }
+    }
+
+    /// Tries the new credentials; adopts them, their policy and client only if they yield a
+    /// token. Returns the wait until the next renewal on success.
+    async fn reload(&mut self, reload: Reload<C>) -> Option<Duration> {
+        let described = reload.credentials.describe();
+        match self.fetch(&reload.iam, &reload.credentials).await {
+            Ok(token) => {
+                self.credentials = reload.credentials;
+                self.policy = reload.policy;
+                self.iam = reload.iam;
+                let renewed = self.adopt(token).await;
+                self.cell.set_healthy(true);
+                tracing::info!(credentials = %described, "reload applied");
+                let wait = self.log_renewal(renewed.same_token, 0);
+                let _ = reload.done.send(Ok(()));
+                Some(wait)
+            }
+            Err(error) => {
+                tracing::error!(
+                    credentials = %described,
+                    %error,
+                    "reload rejected: the new credentials did not get a token; keeping the old \
+                     credentials and token"
+                );
+                let _ = reload.done.send(Err(error));
+                None
+            }
         }
     }
 
@@ -218,25 +429,33 @@ impl<C: CreateToken> Refresher<C> {
         }
     }
 
-    /// Sleeps `wait`, or less if a reader reports that the token lapsed on the wall clock while
-    /// the monotonic deadline had not passed (a suspended machine). Such a nudge is honoured only
-    /// while healthy and no sooner than `min_interval` after the last attempt, so readers cannot
-    /// cause a refresh storm.
-    async fn sleep(&self, wait: Duration, attempt_started: Instant) {
-        let deadline = Instant::now() + wait;
+    /// Sleeps until `deadline`, or less if a reader reports that the token lapsed on the wall
+    /// clock while the monotonic deadline had not passed (a suspended machine). Such a nudge is
+    /// honoured only while healthy and no sooner than `min_interval` after the last attempt, so
+    /// readers cannot cause a refresh storm. A reload request wakes it at once.
+    async fn sleep(&mut self, deadline: Instant, attempt_started: Instant) -> Wake<C> {
+        let cell = Arc::clone(&self.cell);
         loop {
+            let reloads = &mut self.reloads;
+            let reload = async {
+                match reloads.as_mut() {
+                    Some(reloads) => reloads.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep_until(deadline) => return,
-                _ = self.cell.lapsed() => {
+                _ = tokio::time::sleep_until(deadline) => return Wake::Due,
+                Some(reload) = reload => return Wake::Reload(reload),
+                _ = cell.lapsed() => {
                     // Stale nudges (about a token already replaced) and nudges during a failure
                     // streak (backoff rules then) are ignored.
-                    if !self.cell.is_healthy() || !self.cell.lapse_reported() {
+                    if !cell.is_healthy() || !cell.lapse_reported() {
                         continue;
                     }
                     let earliest = attempt_started + self.policy.min_interval;
                     tokio::time::sleep_until(earliest.min(deadline)).await;
                     tracing::info!("token lapsed on the wall clock (suspend or clock change); renewing early");
-                    return;
+                    return Wake::Due;
                 }
             }
         }
@@ -282,7 +501,7 @@ mod tests {
         }
     }
 
-    impl CreateToken for ScriptedIam {
+    impl IamApi for ScriptedIam {
         async fn create(&self, _identity: Identity) -> Result<IssuedToken, IamError> {
             let n = {
                 let mut calls = self.calls.lock().unwrap();
@@ -303,6 +522,10 @@ mod tests {
                     server_trace_id: None,
                 }),
             }
+        }
+
+        async fn revoke(&self, _token: &str) -> Result<(), IamError> {
+            Ok(())
         }
     }
 

@@ -3,7 +3,8 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,12 +16,13 @@ use hyper::body::Body;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::watch;
 
 use crate::cell::TokenCell;
-use crate::config::{HttpSettings, is_loopback};
+use crate::config::{HttpSettings, ListenAddr, is_loopback};
+use crate::metrics::Metrics;
 
 /// The metadata token path of the GCE-compatible API that Yandex VMs serve and the SDKs call.
 pub const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
@@ -38,6 +40,15 @@ const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 type HttpResponse = Response<Full<Bytes>>;
 
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routes {
+    /// The token, the metadata protocol, health and metrics.
+    All,
+    /// Only `/metrics`, `/healthz` and `/readyz`: safe to expose beyond loopback.
+    Monitoring,
+}
+
 /// Answers requests for the token from a [`TokenCell`].
 pub struct TokenApi {
     cell: Arc<TokenCell>,
@@ -45,6 +56,8 @@ pub struct TokenApi {
     allowed_hosts: Vec<String>,
     listen_ips: Vec<IpAddr>,
     account_id: String,
+    metrics: Option<Arc<Metrics>>,
+    routes: Routes,
 }
 
 impl TokenApi {
@@ -55,16 +68,62 @@ impl TokenApi {
             cell,
             wait_for_token: settings.wait_for_token,
             allowed_hosts: settings.allowed_hosts.clone(),
-            listen_ips: settings.listen.iter().map(SocketAddr::ip).collect(),
+            listen_ips: settings
+                .listen
+                .iter()
+                .filter_map(|addr| match addr {
+                    ListenAddr::Tcp(addr) => Some(addr.ip()),
+                    ListenAddr::Unix(_) => None,
+                })
+                .collect(),
             account_id: account_id.unwrap_or("default").to_owned(),
+            metrics: None,
+            routes: Routes::All,
         }
+    }
+
+    /// Counts requests and serves `/metrics` from `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Restricts the endpoints served.
+    pub fn with_routes(mut self, routes: Routes) -> Self {
+        self.routes = routes;
+        self
     }
 
     /// Handles one request. The body is never read.
     pub async fn handle<B: Body>(&self, req: Request<B>) -> HttpResponse {
-        if let Some(refusal) = self.refuse(&req) {
-            return refusal;
+        let (route, response) = self.route(req).await;
+        if let Some(metrics) = &self.metrics {
+            metrics.http_request(route, response.status().as_u16());
         }
+        response
+    }
+
+    async fn route<B: Body>(&self, req: Request<B>) -> (&'static str, HttpResponse) {
+        if let Some(refusal) = self.refuse(&req) {
+            return ("refused", refusal);
+        }
+        let path = req.uri().path();
+        let route = match path {
+            "/token" => "token",
+            METADATA_TOKEN_PATH => "metadata_token",
+            "/healthz" => "healthz",
+            "/readyz" => "readyz",
+            "/metrics" => "metrics",
+            "/" | METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => "metadata_other",
+            _ => "unknown",
+        };
+        if self.routes == Routes::Monitoring && !matches!(route, "healthz" | "readyz" | "metrics") {
+            return ("unknown", text(StatusCode::NOT_FOUND, "not found\n".into()));
+        }
+        (route, self.dispatch(req).await)
+    }
+
+    async fn dispatch<B: Body>(&self, req: Request<B>) -> HttpResponse {
         let query = req.uri().query().unwrap_or("");
         match req.uri().path() {
             "/token" => match token_format(query) {
@@ -73,6 +132,19 @@ impl TokenApi {
             },
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
             "/readyz" => self.ready(),
+            "/metrics" => match &self.metrics {
+                Some(metrics) => {
+                    let mut response = text(StatusCode::OK, metrics.render(&self.cell));
+                    response.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        HeaderValue::from_static(
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        ),
+                    );
+                    response
+                }
+                None => text(StatusCode::NOT_FOUND, "metrics are off\n".into()),
+            },
             METADATA_TOKEN_PATH if has_metadata_flavor(&req) => {
                 flavored(self.token(Format::Metadata).await)
             }
@@ -309,79 +381,185 @@ fn strip_port(host: &str) -> &str {
     }
 }
 
+/// A bound listener: TCP, or a Unix socket whose file is removed when the listener goes.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+/// A listen address that could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr}: {source}")]
+pub struct BindError {
+    pub addr: String,
+    pub source: std::io::Error,
+}
+
+impl Listener {
+    /// Binds `addr`. A Unix socket gets `mode` and `group`; a stale socket file left by a
+    /// previous run is replaced, any other file in the way is an error.
+    pub async fn bind(addr: &ListenAddr, mode: u32, group: Option<u32>) -> Result<Self, BindError> {
+        let fail = |source| BindError {
+            addr: addr.to_string(),
+            source,
+        };
+        match addr {
+            ListenAddr::Tcp(socket) => TcpListener::bind(socket)
+                .await
+                .map(Listener::Tcp)
+                .map_err(fail),
+            ListenAddr::Unix(path) => {
+                use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+                if let Ok(meta) = std::fs::symlink_metadata(path) {
+                    if !meta.file_type().is_socket() {
+                        return Err(fail(std::io::Error::new(
+                            std::io::ErrorKind::AlreadyExists,
+                            "a file that is not a socket is in the way",
+                        )));
+                    }
+                    if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                        return Err(fail(std::io::Error::new(
+                            std::io::ErrorKind::AddrInUse,
+                            "another process is serving on this socket",
+                        )));
+                    }
+                    std::fs::remove_file(path).map_err(fail)?;
+                }
+                let listener = UnixListener::bind(path).map_err(fail)?;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .map_err(fail)?;
+                if group.is_some() {
+                    std::os::unix::fs::chown(path, None, group).map_err(fail)?;
+                }
+                Ok(Listener::Unix(listener, path.clone()))
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> String {
+        match self {
+            Listener::Tcp(listener) => listener
+                .local_addr()
+                .map_or_else(|e| e.to_string(), |a| a.to_string()),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
 /// Serves `api` on `listeners` until `shutdown` resolves, then stops accepting and gives open
-/// requests up to `grace` to finish.
+/// connections up to `grace` to finish their requests.
 pub async fn serve(
-    listeners: Vec<TcpListener>,
-    api: Arc<TokenApi>,
+    listeners: Vec<(Listener, Arc<TokenApi>)>,
     shutdown: impl Future<Output = ()>,
     grace: Duration,
 ) {
-    let (accepted, mut incoming) = mpsc::channel::<(TcpStream, SocketAddr)>(64);
-    let mut acceptors = tokio::task::JoinSet::new();
-    for listener in listeners {
-        let accepted = accepted.clone();
-        acceptors.spawn(accept_loop(listener, accepted));
+    let (stop, stopped) = watch::channel(false);
+    let mut loops = tokio::task::JoinSet::new();
+    for (listener, api) in listeners {
+        loops.spawn(accept_loop(listener, api, stopped.clone(), grace));
     }
-    drop(accepted);
+    shutdown.await;
+    let _ = stop.send(true);
+    while loops.join_next().await.is_some() {}
+}
 
-    let graceful = GracefulShutdown::new();
+/// Accepts connections until told to stop, then closes the listener and drains its connections.
+async fn accept_loop(
+    listener: Listener,
+    api: Arc<TokenApi>,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
         .max_buf_size(16 * 1024);
-    tokio::pin!(shutdown);
+    let mut connections = tokio::task::JoinSet::new();
     loop {
-        tokio::select! {
-            _ = &mut shutdown => break,
-            next = incoming.recv() => {
-                let Some((stream, _peer)) = next else { break };
-                let api = Arc::clone(&api);
-                let service = service_fn(move |req| {
-                    let api = Arc::clone(&api);
-                    async move { Ok::<_, Infallible>(api.handle(req).await) }
-                });
-                let connection = builder.serve_connection(TokioIo::new(stream), service);
-                let watched = graceful.watch(connection);
-                tokio::spawn(async move {
-                    if let Err(error) = watched.await {
-                        tracing::debug!(%error, "HTTP connection ended with an error");
-                    }
-                });
-            }
-        }
-    }
-    // Stop accepting: closing the listeners refuses new connections at once.
-    acceptors.shutdown().await;
-    drop(incoming);
-    let open = graceful.count();
-    if tokio::time::timeout(grace, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            connections = open,
-            grace = %humantime::format_duration(grace),
-            "HTTP connections still open after the shutdown grace period; closing them"
-        );
-    }
-}
-
-async fn accept_loop(listener: TcpListener, accepted: mpsc::Sender<(TcpStream, SocketAddr)>) {
-    loop {
-        match listener.accept().await {
-            Ok((stream, peer)) => {
+        let accepted = tokio::select! {
+            _ = stop.changed() => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(Stream::Tcp(stream)) => {
                 let _ = stream.set_nodelay(true);
-                if accepted.send((stream, peer)).await.is_err() {
-                    return;
-                }
+                connections.spawn(connection(stream, &builder, &api, stop.clone()));
+            }
+            Ok(Stream::Unix(stream)) => {
+                connections.spawn(connection(stream, &builder, &api, stop.clone()));
             }
             Err(error) => {
                 // Out of file descriptors and the like: do not spin.
                 tracing::warn!(%error, "accepting an HTTP connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
+        }
+    }
+    // Closing the listener refuses new connections at once.
+    drop(listener);
+    let open = connections.len();
+    let drained = tokio::time::timeout(grace, async {
+        while connections.join_next().await.is_some() {}
+    });
+    if drained.await.is_err() {
+        tracing::warn!(
+            connections = open,
+            grace = %humantime::format_duration(grace),
+            "HTTP connections still open after the shutdown grace period; closing them"
+        );
+        connections.shutdown().await;
+    }
+}
+
+enum Stream {
+    Tcp(tokio::net::TcpStream),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &Listener) -> std::io::Result<Stream> {
+    match listener {
+        Listener::Tcp(listener) => listener.accept().await.map(|(s, _)| Stream::Tcp(s)),
+        Listener::Unix(listener, _) => listener.accept().await.map(|(s, _)| Stream::Unix(s)),
+    }
+}
+
+/// Serves one connection; on shutdown finishes the request in flight and closes.
+fn connection<I>(
+    io: I,
+    builder: &http1::Builder,
+    api: &Arc<TokenApi>,
+    mut stop: watch::Receiver<bool>,
+) -> impl Future<Output = ()> + Send + 'static
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let api = Arc::clone(api);
+    let service = service_fn(move |req| {
+        let api = Arc::clone(&api);
+        async move { Ok::<_, Infallible>(api.handle(req).await) }
+    });
+    let conn = builder.serve_connection(TokioIo::new(io), service);
+    async move {
+        tokio::pin!(conn);
+        let result = tokio::select! {
+            result = conn.as_mut() => result,
+            _ = stop.changed() => {
+                conn.as_mut().graceful_shutdown();
+                conn.await
+            }
+        };
+        if let Err(error) = result {
+            tracing::debug!(%error, "HTTP connection ended with an error");
         }
     }
 }
