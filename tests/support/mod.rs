@@ -90,6 +90,7 @@ impl Drop for FakeIam {
 /// is collected line by line.
 pub struct Sidecar {
     pub child: Child,
+    /// The first TCP listener.
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
     logs: Arc<Mutex<Vec<String>>>,
@@ -112,16 +113,28 @@ pub fn config(iam: &FakeIam, refresh: &str, extra: &str) -> String {
 impl Sidecar {
     /// Starts `serve` with `config_text` and waits until it listens.
     pub fn start(config_text: &str, rust_log: &str) -> Self {
+        Self::start_with(config_text, rust_log, &[])
+    }
+
+    /// As [`Sidecar::start`], with extra environment variables.
+    pub fn start_with(config_text: &str, rust_log: &str, env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("config.toml");
         std::fs::write(&path, config_text).unwrap();
-        let mut child = Command::new(binary())
+        let mut command = Command::new(binary());
+        command
             .args(["serve", "--config"])
             .arg(&path)
             .args(["--log-format", "json"])
             .env("RUST_LOG", rust_log)
             .env_remove("YC_SERVICE_ACCOUNT_KEY_FILE")
             .env_remove("YC_TOKEN")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC");
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -138,9 +151,10 @@ impl Sidecar {
                     && line.contains("serving the IAM token over HTTP")
                 {
                     let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-                    let addr: SocketAddr = value["addr"].as_str().unwrap().parse().unwrap();
-                    let _ = tx.send(addr);
-                    addr_tx = None;
+                    if let Ok(addr) = value["addr"].as_str().unwrap().parse::<SocketAddr>() {
+                        let _ = tx.send(addr);
+                        addr_tx = None;
+                    }
                 }
                 sink.lock().unwrap().push(line);
             }
@@ -180,6 +194,34 @@ impl Sidecar {
             }
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// The config file the sidecar was started with (rewrite it, then send HUP).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
+    /// The address of the first listener logged with `message` (for extra listeners).
+    pub fn logged_addr(&self, message: &str) -> Option<SocketAddr> {
+        self.logs()
+            .iter()
+            .find(|l| l.contains(message))
+            .and_then(|l| {
+                let value: serde_json::Value = serde_json::from_str(l).ok()?;
+                value["addr"].as_str()?.parse().ok()
+            })
+    }
+
+    /// Waits until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str, limit: Duration) -> bool {
+        let started = Instant::now();
+        while started.elapsed() < limit {
+            if self.logs().iter().any(|l| l.contains(needle)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
     }
 
     pub fn logs(&self) -> Vec<String> {
