@@ -107,10 +107,16 @@ impl TokenCell {
     }
 
     /// Like [`TokenCell::servable`], but waits up to `max_wait` for the first token to arrive.
-    /// Once any token has been stored it answers at once.
-    pub async fn wait_servable(&self, max_wait: Duration) -> Option<(Arc<IamToken>, Duration)> {
+    /// Once any token has been stored it answers at once. `wall_clock` reads the wall clock
+    /// (`SystemTime::now` in production, a skewed clock in tests).
+    pub async fn wait_servable(
+        &self,
+        max_wait: Duration,
+        wall_clock: fn() -> SystemTime,
+    ) -> Option<(Arc<IamToken>, Duration)> {
+        let now = || self.servable_at(Instant::now(), wall_clock());
         if self.current.load().is_some() || max_wait.is_zero() {
-            return self.servable();
+            return now();
         }
         let deadline = Instant::now() + max_wait;
         loop {
@@ -118,10 +124,10 @@ impl TokenCell {
             tokio::pin!(stored);
             stored.as_mut().enable();
             if self.current.load().is_some() {
-                return self.servable();
+                return now();
             }
             if tokio::time::timeout_at(deadline, stored).await.is_err() {
-                return self.servable();
+                return now();
             }
         }
     }
@@ -192,7 +198,9 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
             writer.store(token(Duration::from_secs(60)));
         });
-        let got = cell.wait_servable(Duration::from_secs(1)).await;
+        let got = cell
+            .wait_servable(Duration::from_secs(1), SystemTime::now)
+            .await;
         assert_eq!(got.unwrap().0.expose_secret(), "t1.cell");
     }
 
@@ -201,7 +209,7 @@ mod tests {
         let cell = TokenCell::new();
         let started = Instant::now();
         assert!(
-            cell.wait_servable(Duration::from_millis(300))
+            cell.wait_servable(Duration::from_millis(300), SystemTime::now)
                 .await
                 .is_none()
         );

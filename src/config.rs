@@ -102,6 +102,11 @@ pub struct HttpSection {
     pub shutdown_grace: Option<HumanDuration>,
     pub unix_socket_mode: Option<String>,
     pub unix_socket_group: Option<u32>,
+    pub authenticated_listen: Option<Vec<String>>,
+    pub client_secret_file: Option<PathBuf>,
+    pub max_connections: Option<usize>,
+    pub header_read_timeout: Option<HumanDuration>,
+    pub max_header_bytes: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -223,9 +228,18 @@ impl fmt::Display for ListenAddr {
 #[derive(Debug, Clone, PartialEq)]
 pub struct HttpSettings {
     pub listen: Vec<ListenAddr>,
+    /// Listeners on which token requests must carry the client secret.
+    pub authenticated_listen: Vec<ListenAddr>,
+    pub client_secret_file: Option<PathBuf>,
     /// Permission bits and group of Unix sockets.
     pub unix_socket_mode: u32,
     pub unix_socket_group: Option<u32>,
+    /// Open connections per listener; past it the oldest idle one is closed.
+    pub max_connections: usize,
+    /// A connection must send a complete request head within this long of becoming idle.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (at least 8 KiB).
+    pub max_header_bytes: usize,
     /// Extra `Host` header values accepted besides loopback addresses and `localhost`.
     pub allowed_hosts: Vec<String>,
     pub wait_for_token: Duration,
@@ -272,8 +286,13 @@ impl Default for HttpSettings {
                 [127, 0, 0, 1],
                 DEFAULT_PORT,
             )))],
+            authenticated_listen: Vec::new(),
+            client_secret_file: None,
             unix_socket_mode: 0o660,
             unix_socket_group: None,
+            max_connections: 512,
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 8192,
             allowed_hosts: Vec::new(),
             // The Python SDK gives up after 1 s; answering 503 before that lets it report a
             // clear error instead of a timeout.
@@ -411,8 +430,52 @@ impl Settings {
             None => http_defaults.unix_socket_mode,
             Some(text) => parse_mode(text).map_err(|m| invalid("http.unix_socket_mode", m))?,
         };
+        let authenticated_listen = file
+            .http
+            .authenticated_listen
+            .unwrap_or_default()
+            .iter()
+            .map(|a| parse_listen(a))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|m| invalid("http.authenticated_listen", m))?;
+        if authenticated_listen.is_empty() != file.http.client_secret_file.is_none() {
+            return Err(invalid(
+                "http.client_secret_file",
+                "client_secret_file and authenticated_listen go together: name both or neither"
+                    .to_owned(),
+            ));
+        }
+        let max_connections = file
+            .http
+            .max_connections
+            .unwrap_or(http_defaults.max_connections);
+        if max_connections == 0 {
+            return Err(invalid(
+                "http.max_connections",
+                "must be at least 1".to_owned(),
+            ));
+        }
+        let max_header_bytes = file
+            .http
+            .max_header_bytes
+            .unwrap_or(http_defaults.max_header_bytes);
+        if !(8192..=1 << 20).contains(&max_header_bytes) {
+            return Err(invalid(
+                "http.max_header_bytes",
+                format!("{max_header_bytes} is outside 8192..=1048576"),
+            ));
+        }
         let http = HttpSettings {
             listen,
+            authenticated_listen,
+            client_secret_file: file.http.client_secret_file,
+            max_connections,
+            header_read_timeout: positive(
+                file.http.header_read_timeout,
+                http_defaults.header_read_timeout,
+            )
+            .map_err(|m| invalid("http.header_read_timeout", m))?,
+            max_header_bytes,
             unix_socket_mode,
             unix_socket_group: file.http.unix_socket_group,
             allowed_hosts: allowed_hosts
@@ -745,6 +808,20 @@ mod tests {
                 "sink.signal",
             ),
             ("[iam]\nrevoke_timeout = \"0s\"", "iam.revoke_timeout"),
+            (
+                "[http]\nclient_secret_file = \"/s\"",
+                "http.client_secret_file",
+            ),
+            (
+                "[http]\nauthenticated_listen = [\"127.0.0.1:1\"]",
+                "http.client_secret_file",
+            ),
+            ("[http]\nmax_connections = 0", "http.max_connections"),
+            ("[http]\nmax_header_bytes = 100", "http.max_header_bytes"),
+            (
+                "[http]\nheader_read_timeout = \"0s\"",
+                "http.header_read_timeout",
+            ),
         ];
         for (body, field) in cases {
             let text = format!("[credentials]\noauth_token_file = \"/t\"\n{body}\n");

@@ -234,6 +234,9 @@ pub enum Credentials {
 impl Credentials {
     /// Loads credentials from their configured source.
     pub fn load(source: &CredentialsSource) -> Result<Self, CredentialsError> {
+        if let CredentialsSource::KeyFile(path) | CredentialsSource::OAuthTokenFile(path) = source {
+            warn_if_exposed(path);
+        }
         match source {
             CredentialsSource::KeyFile(path) => {
                 ServiceAccountKey::from_file(path).map(Credentials::ServiceAccountKey)
@@ -295,6 +298,24 @@ impl fmt::Debug for Credentials {
             Credentials::ServiceAccountKey(key) => key.fmt(f),
             Credentials::OAuthToken(token) => f.debug_tuple("OAuthToken").field(token).finish(),
         }
+    }
+}
+
+/// Warns when a credentials file is readable by others, or by a group other than our own (a
+/// Kubernetes Secret mounted with `fsGroup` is group-readable by the sidecar's own group).
+fn warn_if_exposed(path: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.mode();
+    let foreign_group = meta.gid() != nix::unistd::getegid().as_raw();
+    if mode & 0o004 != 0 || (mode & 0o040 != 0 && foreign_group) {
+        tracing::warn!(
+            path = %path.display(),
+            mode = %format!("{:04o}", mode & 0o7777),
+            "the credentials file is readable by other users; restrict it (chmod 0400 or 0600)"
+        );
     }
 }
 

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::auth::{ClientSecret, SecretFileError};
 use crate::cell::TokenCell;
 use crate::config::{ListenAddr, Settings};
 use crate::credentials::Credentials;
@@ -14,44 +15,60 @@ use crate::iam::{IamApi, IamError};
 use crate::metrics::Metrics;
 use crate::notify::{Notifier, watchdog_interval};
 use crate::refresh::{Refresher, Reload, retry_in};
-use crate::server::{BindError, Listener, Routes, TokenApi, serve};
+use crate::server::{BindError, Limits, Listener, Routes, TokenApi, serve};
 use crate::sink::FileSink;
 
-/// Bound sockets, before anything runs.
+/// Bound sockets and what guards them, before anything runs.
 pub struct Listeners {
     pub http: Vec<Listener>,
+    /// Token listeners that require the client secret.
+    pub authenticated: Vec<Listener>,
+    pub client_secret: Option<Arc<ClientSecret>>,
     pub monitoring: Vec<Listener>,
 }
 
-impl Listeners {
-    /// Every bound address, for logs and tests.
-    pub fn addrs(&self) -> Vec<String> {
-        self.http
-            .iter()
-            .chain(&self.monitoring)
-            .map(Listener::local_addr)
-            .collect()
-    }
+/// Why the listeners could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    #[error(transparent)]
+    Secret(#[from] SecretFileError),
 }
 
-/// Binds every configured address, failing on the first that cannot be bound.
-pub async fn bind(settings: &Settings) -> Result<Listeners, BindError> {
+/// Reads the client secret (if configured) and binds every configured address, failing on the
+/// first that cannot be bound.
+pub async fn bind(settings: &Settings) -> Result<Listeners, ListenError> {
+    let http_settings = &settings.http;
+    let client_secret = match &http_settings.client_secret_file {
+        Some(path) => Some(Arc::new(ClientSecret::load(path)?)),
+        None => None,
+    };
+    let unix = |addr| {
+        Listener::bind(
+            addr,
+            http_settings.unix_socket_mode,
+            http_settings.unix_socket_group,
+        )
+    };
     let mut http = Vec::new();
-    for addr in &settings.http.listen {
-        http.push(
-            Listener::bind(
-                addr,
-                settings.http.unix_socket_mode,
-                settings.http.unix_socket_group,
-            )
-            .await?,
-        );
+    for addr in &http_settings.listen {
+        http.push(unix(addr).await?);
+    }
+    let mut authenticated = Vec::new();
+    for addr in &http_settings.authenticated_listen {
+        authenticated.push(unix(addr).await?);
     }
     let mut monitoring = Vec::new();
     for addr in &settings.metrics_listen {
         monitoring.push(Listener::bind(&ListenAddr::Tcp(*addr), 0o660, None).await?);
     }
-    Ok(Listeners { http, monitoring })
+    Ok(Listeners {
+        http,
+        authenticated,
+        client_secret,
+        monitoring,
+    })
 }
 
 /// New credentials, policy and client to switch to on SIGHUP, built by the caller.
@@ -86,6 +103,24 @@ pub async fn run<C: IamApi>(
     for listener in listeners.http {
         tracing::info!(addr = %listener.local_addr(), "serving the IAM token over HTTP");
         bound.push((listener, Arc::clone(&api)));
+    }
+    if let Some(secret) = listeners.client_secret {
+        let authenticated_api = Arc::new(
+            TokenApi::new(
+                Arc::clone(&cell),
+                &settings.http,
+                credentials.service_account_id(),
+            )
+            .with_metrics(Arc::clone(&metrics))
+            .with_client_secret(secret),
+        );
+        for listener in listeners.authenticated {
+            tracing::info!(
+                addr = %listener.local_addr(),
+                "serving the IAM token over HTTP to clients presenting the client secret"
+            );
+            bound.push((listener, Arc::clone(&authenticated_api)));
+        }
     }
     for listener in listeners.monitoring {
         tracing::info!(addr = %listener.local_addr(), "serving metrics and health over HTTP");
@@ -134,7 +169,7 @@ pub async fn run<C: IamApi>(
                 notifier.notify("STOPPING=1");
             }
         },
-        settings.http.shutdown_grace,
+        Limits::from_settings(&settings.http),
     )
     .await;
     side_tasks.shutdown().await;

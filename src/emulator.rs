@@ -181,6 +181,25 @@ impl Emulator {
             .await
     }
 
+    /// Serves gRPC over TLS with the given PEM certificate chain and key.
+    pub async fn serve_tls(
+        self,
+        listener: TcpListener,
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), tonic::transport::Error> {
+        let identity = tonic::transport::Identity::from_pem(cert_pem, key_pem);
+        tonic::transport::Server::builder()
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))?
+            .add_service(IamTokenServiceServer::new(self))
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                shutdown,
+            )
+            .await
+    }
+
     fn next_request_id(&self) -> String {
         format!(
             "emulator-{}",

@@ -14,10 +14,12 @@
 //! - [`sink`] optionally writes each new token to a file, atomically, before it is stored.
 //! - [`metrics`] counts attempts and requests for `/metrics`; [`notify`] tells systemd.
 //! - [`daemon`] wires them together; [`emulator`] is a local IAM for `dev` and the tests.
-//! - [`secret`] is the redacting, zeroizing string every secret lives in.
+//! - [`secret`] is the redacting, zeroizing string every secret lives in; [`auth`] checks the
+//!   optional client secret on authenticated listeners.
 
 #![forbid(unsafe_code)]
 
+pub mod auth;
 pub mod cell;
 pub mod config;
 pub mod credentials;

@@ -218,11 +218,25 @@ fn init_logging(format: LogFormat, default_filter: &str) {
     }
 }
 
+/// Keeps secrets out of core dumps and away from same-user debuggers: no core file, and the
+/// process is not dumpable (which also forbids ptrace attach by non-root processes).
+fn harden_process() {
+    if let Err(error) =
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_CORE, 0, 0)
+    {
+        tracing::warn!(%error, "cannot disable core dumps");
+    }
+    if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+        tracing::warn!(%error, "cannot mark the process non-dumpable");
+    }
+}
+
 fn load(args: &CommonArgs, listen: Vec<String>) -> Result<(Settings, Credentials), Failure> {
     let settings = args
         .settings(listen)
         .map_err(|e| Failure::new(EX_CONFIG, e))?;
     init_logging(settings.log.format, &settings.log.filter);
+    harden_process();
     let credentials =
         Credentials::load(&settings.credentials).map_err(|e| Failure::new(EX_CONFIG, e))?;
     Ok((settings, credentials))
@@ -231,9 +245,7 @@ fn load(args: &CommonArgs, listen: Vec<String>) -> Result<(Settings, Credentials
 async fn serve(args: ServeArgs) -> Result<(), Failure> {
     let (settings, credentials) = load(&args.common, args.listen.clone())?;
     let iam = GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
-    let listeners = daemon::bind(&settings)
-        .await
-        .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
+    let listeners = daemon::bind(&settings).await.map_err(listen_failure)?;
     let initial = settings.clone();
     let reload: daemon::ReloadSource<GrpcIam> = Box::new(move || {
         let settings = args
@@ -368,6 +380,9 @@ async fn probe_once(url: &str) -> Result<u16, String> {
 
 fn check_config(args: CommonArgs) -> Result<(), Failure> {
     let (settings, credentials) = load(&args, Vec::new())?;
+    if let Some(path) = &settings.http.client_secret_file {
+        yc_iam_sidecar::auth::ClientSecret::load(path).map_err(|e| Failure::new(EX_CONFIG, e))?;
+    }
     GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
     let listen: Vec<String> = settings
         .http
@@ -427,9 +442,7 @@ async fn dev(args: DevArgs) -> Result<(), Failure> {
         "DEV MODE: tokens come from a built-in IAM emulator and are NOT valid for Yandex Cloud"
     );
     let iam = GrpcIam::new(&settings.iam).map_err(|e| Failure::new(EX_CONFIG, e))?;
-    let listeners = daemon::bind(&settings)
-        .await
-        .map_err(|e| Failure::new(EX_UNAVAILABLE, e))?;
+    let listeners = daemon::bind(&settings).await.map_err(listen_failure)?;
     let (stop_emulator, emulator_stopped) = tokio::sync::oneshot::channel::<()>();
     let emulator_task = tokio::spawn(emulator.serve(emulator_listener, async {
         let _ = emulator_stopped.await;
@@ -446,6 +459,13 @@ async fn dev(args: DevArgs) -> Result<(), Failure> {
     let _ = stop_emulator.send(());
     let _ = emulator_task.await;
     Ok(())
+}
+
+fn listen_failure(error: daemon::ListenError) -> Failure {
+    match error {
+        daemon::ListenError::Bind(e) => Failure::new(EX_UNAVAILABLE, e),
+        daemon::ListenError::Secret(e) => Failure::new(EX_CONFIG, e),
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -6,7 +6,8 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
@@ -20,6 +21,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+use crate::auth::ClientSecret;
 use crate::cell::TokenCell;
 use crate::config::{HttpSettings, ListenAddr, is_loopback};
 use crate::metrics::Metrics;
@@ -34,9 +36,6 @@ static GOOGLE: HeaderValue = HeaderValue::from_static("Google");
 static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 static TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
 static JSON: HeaderValue = HeaderValue::from_static("application/json");
-
-/// Time a client gets to send its request headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 
 type HttpResponse = Response<Full<Bytes>>;
 
@@ -58,6 +57,8 @@ pub struct TokenApi {
     account_id: String,
     metrics: Option<Arc<Metrics>>,
     routes: Routes,
+    client_secret: Option<Arc<ClientSecret>>,
+    wall_clock: fn() -> SystemTime,
 }
 
 impl TokenApi {
@@ -79,7 +80,21 @@ impl TokenApi {
             account_id: account_id.unwrap_or("default").to_owned(),
             metrics: None,
             routes: Routes::All,
+            client_secret: None,
+            wall_clock: SystemTime::now,
         }
+    }
+
+    /// Requires `Authorization: Bearer <secret>` on the token endpoints.
+    pub fn with_client_secret(mut self, secret: Arc<ClientSecret>) -> Self {
+        self.client_secret = Some(secret);
+        self
+    }
+
+    /// Reads the wall clock from `clock` (tests inject jumps and suspends).
+    pub fn with_wall_clock(mut self, clock: fn() -> SystemTime) -> Self {
+        self.wall_clock = clock;
+        self
     }
 
     /// Counts requests and serves `/metrics` from `metrics`.
@@ -117,8 +132,24 @@ impl TokenApi {
             "/" | METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => "metadata_other",
             _ => "unknown",
         };
-        if self.routes == Routes::Monitoring && !matches!(route, "healthz" | "readyz" | "metrics") {
+        let monitoring = matches!(route, "healthz" | "readyz" | "metrics");
+        if self.routes == Routes::Monitoring && !monitoring {
             return ("unknown", text(StatusCode::NOT_FOUND, "not found\n".into()));
+        }
+        if let Some(secret) = &self.client_secret
+            && !monitoring
+            && route != "unknown"
+            && !secret.verify(req.headers().get(header::AUTHORIZATION))
+        {
+            let mut response = text(
+                StatusCode::UNAUTHORIZED,
+                "this listener requires Authorization: Bearer <client secret>\n".into(),
+            );
+            response.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"yc-iam-sidecar\""),
+            );
+            return ("unauthorized", response);
         }
         (route, self.dispatch(req).await)
     }
@@ -234,7 +265,11 @@ impl TokenApi {
     }
 
     async fn token(&self, format: Format) -> HttpResponse {
-        let Some((token, left)) = self.cell.wait_servable(self.wait_for_token).await else {
+        let servable = self
+            .cell
+            .wait_servable(self.wait_for_token, self.wall_clock)
+            .await;
+        let Some((token, left)) = servable else {
             return self.unavailable();
         };
         let expires_in = left.as_secs();
@@ -280,7 +315,10 @@ impl TokenApi {
     }
 
     fn ready(&self) -> HttpResponse {
-        match self.cell.servable() {
+        match self
+            .cell
+            .servable_at(tokio::time::Instant::now(), (self.wall_clock)())
+        {
             Some((_, left)) => text(
                 StatusCode::OK,
                 format!("ready: token valid for {}s\n", left.as_secs()),
@@ -454,21 +492,54 @@ impl Drop for Listener {
     }
 }
 
-/// Serves `api` on `listeners` until `shutdown` resolves, then stops accepting and gives open
-/// connections up to `grace` to finish their requests.
+/// Connection handling limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time open requests get to finish after shutdown begins.
+    pub grace: Duration,
+    /// A connection must deliver a complete request head within this long of becoming idle
+    /// (slowloris and idle keep-alive alike); hyper closes it otherwise.
+    pub header_read_timeout: Duration,
+    pub max_header_bytes: usize,
+    /// Open connections per listener. A new connection beyond it closes the oldest idle one, so a
+    /// flood of idle or trickling connections cannot lock out well-behaved clients.
+    pub max_connections: usize,
+}
+
+impl Limits {
+    pub fn from_settings(http: &HttpSettings) -> Self {
+        Self {
+            grace: http.shutdown_grace,
+            header_read_timeout: http.header_read_timeout,
+            max_header_bytes: http.max_header_bytes,
+            max_connections: http.max_connections,
+        }
+    }
+}
+
+/// Serves each listener with its API until `shutdown` resolves, then stops accepting and gives
+/// open connections up to `limits.grace` to finish their requests.
 pub async fn serve(
     listeners: Vec<(Listener, Arc<TokenApi>)>,
     shutdown: impl Future<Output = ()>,
-    grace: Duration,
+    limits: Limits,
 ) {
     let (stop, stopped) = watch::channel(false);
     let mut loops = tokio::task::JoinSet::new();
     for (listener, api) in listeners {
-        loops.spawn(accept_loop(listener, api, stopped.clone(), grace));
+        loops.spawn(accept_loop(listener, api, stopped.clone(), limits));
     }
     shutdown.await;
     let _ = stop.send(true);
     while loops.join_next().await.is_some() {}
+}
+
+/// One open connection, as the accept loop tracks it.
+struct Slot {
+    id: u64,
+    /// Requests being answered on it right now.
+    in_flight: Arc<AtomicUsize>,
+    evict: Arc<tokio::sync::Notify>,
 }
 
 /// Accepts connections until told to stop, then closes the listener and drains its connections.
@@ -476,38 +547,83 @@ async fn accept_loop(
     listener: Listener,
     api: Arc<TokenApi>,
     mut stop: watch::Receiver<bool>,
-    grace: Duration,
+    limits: Limits,
 ) {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .max_buf_size(16 * 1024);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes);
     let mut connections = tokio::task::JoinSet::new();
+    // Oldest first.
+    let mut slots: std::collections::VecDeque<Slot> = std::collections::VecDeque::new();
+    let mut next_id: u64 = 0;
     loop {
         let accepted = tokio::select! {
             _ = stop.changed() => break,
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Ok(id) = done {
+                    slots.retain(|slot| slot.id != id);
+                }
+                continue;
+            }
             accepted = accept(&listener) => accepted,
         };
-        match accepted {
-            Ok(Stream::Tcp(stream)) => {
-                let _ = stream.set_nodelay(true);
-                connections.spawn(connection(stream, &builder, &api, stop.clone()));
-            }
-            Ok(Stream::Unix(stream)) => {
-                connections.spawn(connection(stream, &builder, &api, stop.clone()));
-            }
+        let stream = match accepted {
+            Ok(stream) => stream,
             Err(error) => {
                 // Out of file descriptors and the like: do not spin.
                 tracing::warn!(%error, "accepting an HTTP connection failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if slots.len() >= limits.max_connections {
+            match slots
+                .iter()
+                .position(|slot| slot.in_flight.load(Ordering::Acquire) == 0)
+            {
+                Some(oldest_idle) => {
+                    if let Some(slot) = slots.remove(oldest_idle) {
+                        slot.evict.notify_one();
+                    }
+                }
+                None => {
+                    tracing::warn!(
+                        max_connections = limits.max_connections,
+                        "every connection is busy; refusing a new one"
+                    );
+                    continue;
+                }
+            }
+        }
+        next_id += 1;
+        let slot = Slot {
+            id: next_id,
+            in_flight: Arc::new(AtomicUsize::new(0)),
+            evict: Arc::new(tokio::sync::Notify::new()),
+        };
+        let task = ConnectionTask {
+            id: slot.id,
+            in_flight: Arc::clone(&slot.in_flight),
+            evict: Arc::clone(&slot.evict),
+            stop: stop.clone(),
+        };
+        slots.push_back(slot);
+        match stream {
+            Stream::Tcp(stream) => {
+                let _ = stream.set_nodelay(true);
+                connections.spawn(connection(stream, &builder, &api, task));
+            }
+            Stream::Unix(stream) => {
+                connections.spawn(connection(stream, &builder, &api, task));
             }
         }
     }
     // Closing the listener refuses new connections at once.
     drop(listener);
     let open = connections.len();
+    let grace = limits.grace;
     let drained = tokio::time::timeout(grace, async {
         while connections.join_next().await.is_some() {}
     });
@@ -533,26 +649,58 @@ async fn accept(listener: &Listener) -> std::io::Result<Stream> {
     }
 }
 
-/// Serves one connection; on shutdown finishes the request in flight and closes.
+/// What a connection task needs besides its socket.
+struct ConnectionTask {
+    id: u64,
+    in_flight: Arc<AtomicUsize>,
+    evict: Arc<tokio::sync::Notify>,
+    stop: watch::Receiver<bool>,
+}
+
+/// Decrements the in-flight count when a request's future completes or is dropped.
+struct InFlight(Arc<AtomicUsize>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Serves one connection. On shutdown it finishes the request in flight and closes; evicted
+/// (idle, over the connection limit) it closes at once. Returns its id.
 fn connection<I>(
     io: I,
     builder: &http1::Builder,
     api: &Arc<TokenApi>,
-    mut stop: watch::Receiver<bool>,
-) -> impl Future<Output = ()> + Send + 'static
+    task: ConnectionTask,
+) -> impl Future<Output = u64> + Send + 'static
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let api = Arc::clone(api);
+    let in_flight = Arc::clone(&task.in_flight);
     let service = service_fn(move |req| {
         let api = Arc::clone(&api);
-        async move { Ok::<_, Infallible>(api.handle(req).await) }
+        in_flight.fetch_add(1, Ordering::AcqRel);
+        let guard = InFlight(Arc::clone(&in_flight));
+        async move {
+            let response = api.handle(req).await;
+            drop(guard);
+            Ok::<_, Infallible>(response)
+        }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
+    let ConnectionTask {
+        id,
+        evict,
+        mut stop,
+        ..
+    } = task;
     async move {
         tokio::pin!(conn);
         let result = tokio::select! {
             result = conn.as_mut() => result,
+            _ = evict.notified() => Ok(()),
             _ = stop.changed() => {
                 conn.as_mut().graceful_shutdown();
                 conn.await
@@ -561,12 +709,75 @@ where
         if let Err(error) = result {
             tracing::debug!(%error, "HTTP connection ended with an error");
         }
+        id
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::token::IamToken;
+    use http_body_util::Empty;
+
+    async fn status(api: &TokenApi, path: &str) -> u16 {
+        let request = Request::get(path)
+            .header("host", "localhost")
+            .header("metadata-flavor", "Google")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        api.handle(request).await.status().as_u16()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn serve_side_check_follows_both_clocks() {
+        let cell = Arc::new(TokenCell::new());
+        let wall = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        let (token, _) = IamToken::accept(
+            "t1.clock".into(),
+            Some(wall + hour),
+            tokio::time::Instant::now(),
+            wall,
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        cell.store(Arc::new(token));
+        let settings = HttpSettings {
+            wait_for_token: Duration::ZERO,
+            ..HttpSettings::default()
+        };
+        let api = |clock: fn() -> SystemTime| {
+            TokenApi::new(Arc::clone(&cell), &settings, None).with_wall_clock(clock)
+        };
+        let paths = ["/token", "/readyz", METADATA_TOKEN_PATH];
+
+        let normal = api(SystemTime::now);
+        for path in paths {
+            assert_eq!(status(&normal, path).await, 200, "{path}");
+        }
+        // Suspended for two hours (or the clock jumped forward): the wall clock says expired
+        // while the monotonic clock stood still.
+        let resumed = api(|| SystemTime::now() + Duration::from_secs(7200));
+        for path in paths {
+            assert_eq!(status(&resumed, path).await, 503, "{path} after a suspend");
+        }
+        // Inside the safety margin on the wall clock only.
+        let late = api(|| SystemTime::now() + Duration::from_secs(3600 - 299));
+        assert_eq!(status(&late, "/token").await, 503);
+
+        // The wall clock set back a day cannot extend the token: the monotonic clock ends it.
+        let set_back = api(|| SystemTime::now() - Duration::from_secs(86_400));
+        assert_eq!(status(&set_back, "/token").await, 200);
+        tokio::time::advance(hour - Duration::from_secs(299)).await;
+        for path in paths {
+            assert_eq!(
+                status(&set_back, path).await,
+                503,
+                "{path} with the clock set back"
+            );
+        }
+    }
 
     #[test]
     fn host_port_is_stripped() {

@@ -26,12 +26,22 @@ pub fn fixture(name: &str) -> PathBuf {
 pub struct FakeIam {
     pub emulator: Emulator,
     pub addr: SocketAddr,
+    tls: bool,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl FakeIam {
     pub fn start(default_lifetime: Duration) -> Self {
+        Self::start_inner(default_lifetime, false)
+    }
+
+    /// A fake IAM behind TLS with `tls-server.pem` (signed by `ca-good.pem`).
+    pub fn start_tls(default_lifetime: Duration) -> Self {
+        Self::start_inner(default_lifetime, true)
+    }
+
+    fn start_inner(default_lifetime: Duration, tls: bool) -> Self {
         let emulator = Emulator::new(default_lifetime);
         for key in ["sa-key-rsa2048.json", "sa-key-rsa4096.json"] {
             emulator
@@ -49,25 +59,37 @@ impl FakeIam {
             runtime.block_on(async move {
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
                 ready.send(listener.local_addr().unwrap()).unwrap();
-                serving
-                    .serve(listener, async {
-                        let _ = stopped.await;
-                    })
-                    .await
-                    .unwrap();
+                let stopped = async {
+                    let _ = stopped.await;
+                };
+                if tls {
+                    let cert = std::fs::read(fixture("tls-server.pem")).unwrap();
+                    let key = std::fs::read(fixture("tls-server.key")).unwrap();
+                    serving
+                        .serve_tls(listener, &cert, &key, stopped)
+                        .await
+                        .unwrap();
+                } else {
+                    serving.serve(listener, stopped).await.unwrap();
+                }
             });
         });
         let addr = addr.recv().unwrap();
         Self {
             emulator,
             addr,
+            tls,
             stop: Some(stop),
             thread: Some(thread),
         }
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        if self.tls {
+            format!("https://localhost:{}", self.addr.port())
+        } else {
+            format!("http://{}", self.addr)
+        }
     }
 
     pub fn issued_tokens(&self) -> Vec<String> {
@@ -340,6 +362,44 @@ pub fn parse_response(answer: &[u8]) -> HttpResponse {
         status,
         headers,
         body: body.to_owned(),
+    }
+}
+
+/// Fails if any log line holds a token, a JWT, or a line of the fixture's private key.
+pub fn assert_no_secrets(logs: &[String], tokens: &[String], extra: &[&str]) {
+    let text = logs.join("\n");
+    for token in tokens {
+        assert!(
+            !text.contains(token.as_str()),
+            "an IAM token appears in the logs"
+        );
+        if token.len() > 24 {
+            assert!(
+                !text.contains(&token[token.len() - 20..]),
+                "part of a token in the logs"
+            );
+        }
+    }
+    assert!(!text.contains("eyJ0eXAi"), "a JWT appears in the logs");
+    assert!(!text.contains("PRIVATE KEY"));
+    let key: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(fixture("sa-key-rsa2048.json")).unwrap()).unwrap();
+    for line in key["private_key"]
+        .as_str()
+        .unwrap()
+        .lines()
+        .filter(|l| l.len() > 20 && !l.contains(' '))
+    {
+        assert!(
+            !text.contains(line),
+            "a private key line appears in the logs"
+        );
+    }
+    for secret in extra {
+        assert!(
+            !text.contains(secret),
+            "{secret:?}-like secret appears in the logs"
+        );
     }
 }
 
