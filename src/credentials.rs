@@ -234,9 +234,15 @@ pub enum Credentials {
 impl Credentials {
     /// Loads credentials from their configured source.
     pub fn load(source: &CredentialsSource) -> Result<Self, CredentialsError> {
+        let credentials = Self::load_unchecked(source)?;
+        // Only for a file that worked: a broken one gets its single clear error line instead.
         if let CredentialsSource::KeyFile(path) | CredentialsSource::OAuthTokenFile(path) = source {
             warn_if_exposed(path);
         }
+        Ok(credentials)
+    }
+
+    fn load_unchecked(source: &CredentialsSource) -> Result<Self, CredentialsError> {
         match source {
             CredentialsSource::KeyFile(path) => {
                 ServiceAccountKey::from_file(path).map(Credentials::ServiceAccountKey)

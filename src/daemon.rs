@@ -102,6 +102,17 @@ pub async fn run<C: IamApi>(
     let mut bound = Vec::new();
     for listener in listeners.http {
         tracing::info!(addr = %listener.local_addr(), "serving the IAM token over HTTP");
+        if let Listener::Tcp(tcp) = &listener
+            && tcp
+                .local_addr()
+                .is_ok_and(|a| !crate::config::is_loopback(a.ip()))
+        {
+            tracing::warn!(
+                addr = %listener.local_addr(),
+                "this listener is not loopback-only: anyone who can reach it gets the token in \
+                 clear text; prefer 127.0.0.1, a Unix socket, or http.authenticated_listen"
+            );
+        }
         bound.push((listener, Arc::clone(&api)));
     }
     if let Some(secret) = listeners.client_secret {

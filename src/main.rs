@@ -111,9 +111,17 @@ struct TokenArgs {
     /// Format of the --output file.
     #[arg(long, value_enum, default_value = "raw")]
     format: SinkFormat,
-    /// Permission bits of the --output file, octal.
-    #[arg(long, default_value = "0600", value_parser = config::parse_mode)]
+    /// Permission bits of the --output file, octal; never writable by others.
+    #[arg(long, default_value = "0600", value_parser = token_file_mode)]
     mode: u32,
+}
+
+fn token_file_mode(text: &str) -> Result<u32, String> {
+    let mode = config::parse_mode(text)?;
+    if mode & 0o002 != 0 {
+        return Err("a token file must not be writable by others".to_owned());
+    }
+    Ok(mode)
 }
 
 #[derive(Args, Clone)]

@@ -72,6 +72,7 @@ impl TokenApi {
             listen_ips: settings
                 .listen
                 .iter()
+                .chain(&settings.authenticated_listen)
                 .filter_map(|addr| match addr {
                     ListenAddr::Tcp(addr) => Some(addr.ip()),
                     ListenAddr::Unix(_) => None,
@@ -207,7 +208,10 @@ impl TokenApi {
                 "browser requests (with an Origin header) are refused\n".into(),
             ));
         }
+        // Health and metrics carry no secret: probes and scrapers reach them by pod or host IP.
+        let monitoring = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
         if let Some(host) = headers.get(header::HOST)
+            && !monitoring
             && !self.host_allowed(host)
         {
             return Some(text(
@@ -256,8 +260,9 @@ impl TokenApi {
             .trim_start_matches('[')
             .trim_end_matches(']')
             .parse::<IpAddr>()
+            && (is_loopback(ip) || self.listen_ips.contains(&ip))
         {
-            return is_loopback(ip) || self.listen_ips.contains(&ip);
+            return true;
         }
         self.allowed_hosts
             .iter()

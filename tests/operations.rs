@@ -274,6 +274,11 @@ fn metrics_count_attempts_requests_and_expiry() {
         .expect("monitoring listener");
     assert_eq!(support::get(monitoring, "/metrics", &[]).status, 200);
     assert_eq!(support::get(monitoring, "/readyz", &[]).status, 200);
+    // Kubelet and Prometheus address it by pod IP: no Host restriction on health and metrics.
+    let by_pod_ip = support::get(monitoring, "/metrics", &[("Host", "10.1.2.3:4269")]);
+    assert_eq!(by_pod_ip.status, 200);
+    let token_by_pod_ip = support::get(sidecar.addr, "/token", &[("Host", "10.1.2.3:4268")]);
+    assert_eq!(token_by_pod_ip.status, 403);
     assert_eq!(support::get(monitoring, "/token", &[]).status, 404);
     let metadata = support::get(
         monitoring,
