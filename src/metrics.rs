@@ -36,6 +36,9 @@ pub struct Metrics {
     refresh_attempts: Family<RefreshLabels, Counter>,
     iam_latency: Histogram,
     http_requests: Family<HttpLabels, Counter>,
+    /// The two series every token request hits, resolved once so the hot path is one atomic add.
+    token_ok: Counter,
+    metadata_ok: Counter,
     token_expires_in: Gauge<f64, AtomicU64>,
     token_expiry: Gauge<f64, AtomicU64>,
     ready: Gauge,
@@ -94,11 +97,25 @@ impl Metrics {
             })
             .set(1);
         registry.register("build_info", "Build information", build_info);
+        let token_ok = http_requests
+            .get_or_create(&HttpLabels {
+                route: "token",
+                status: 200,
+            })
+            .clone();
+        let metadata_ok = http_requests
+            .get_or_create(&HttpLabels {
+                route: "metadata_token",
+                status: 200,
+            })
+            .clone();
         Self {
             registry,
             refresh_attempts,
             iam_latency,
             http_requests,
+            token_ok,
+            metadata_ok,
             token_expires_in,
             token_expiry,
             ready,
@@ -119,9 +136,14 @@ impl Metrics {
     }
 
     pub fn http_request(&self, route: &'static str, status: u16) {
-        self.http_requests
-            .get_or_create(&HttpLabels { route, status })
-            .inc();
+        match (route, status) {
+            ("token", 200) => self.token_ok.inc(),
+            ("metadata_token", 200) => self.metadata_ok.inc(),
+            _ => self
+                .http_requests
+                .get_or_create(&HttpLabels { route, status })
+                .inc(),
+        };
     }
 
     /// Renders the text format, reading the token gauges from `cell` at scrape time.

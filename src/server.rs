@@ -21,10 +21,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
 
+use arc_swap::ArcSwapOption;
+
 use crate::auth::ClientSecret;
 use crate::cell::TokenCell;
 use crate::config::{HttpSettings, ListenAddr, is_loopback};
 use crate::metrics::Metrics;
+use crate::token::IamToken;
 
 /// The metadata token path of the GCE-compatible API that Yandex VMs serve and the SDKs call.
 pub const METADATA_TOKEN_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/token";
@@ -59,6 +62,79 @@ pub struct TokenApi {
     routes: Routes,
     client_secret: Option<Arc<ClientSecret>>,
     wall_clock: fn() -> SystemTime,
+    rendered: ArcSwapOption<Rendered>,
+}
+
+/// Response bodies for one token, rendered when it is first served: the hot path only copies
+/// them and writes `expires_in`. The token passed the bearer-token grammar on receipt, so it needs
+/// no JSON escaping.
+struct Rendered {
+    token: Arc<IamToken>,
+    plain: Bytes,
+    json: Template,
+    metadata: Template,
+}
+
+/// A JSON body split around its `expires_in` number.
+struct Template {
+    head: Bytes,
+    tail: Bytes,
+}
+
+impl Template {
+    fn new(head: String, tail: String) -> Self {
+        Self {
+            head: zeroizing_bytes(head.into_bytes()),
+            tail: zeroizing_bytes(tail.into_bytes()),
+        }
+    }
+
+    fn with_expires_in(&self, expires_in: u64) -> Bytes {
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(expires_in).as_bytes();
+        let mut body = Vec::with_capacity(self.head.len() + digits.len() + self.tail.len());
+        body.extend_from_slice(&self.head);
+        body.extend_from_slice(digits);
+        body.extend_from_slice(&self.tail);
+        zeroizing_bytes(body)
+    }
+}
+
+impl Rendered {
+    fn new(token: Arc<IamToken>) -> Self {
+        let secret = token.expose_secret();
+        let expires_at = humantime::format_rfc3339_seconds(token.expires_at());
+        Self {
+            plain: zeroizing_bytes(secret.as_bytes().to_vec()),
+            json: Template::new(
+                format!(
+                    "{{\"access_token\":\"{secret}\",\"token_type\":\"Bearer\",\"expires_in\":"
+                ),
+                format!(",\"expires_at\":\"{expires_at}\"}}"),
+            ),
+            metadata: Template::new(
+                format!("{{\"access_token\":\"{secret}\",\"expires_in\":"),
+                ",\"token_type\":\"Bearer\"}".to_owned(),
+            ),
+            token,
+        }
+    }
+}
+
+/// Bytes whose memory is wiped when the last reference (the cache or a response in flight) goes.
+fn zeroizing_bytes(bytes: Vec<u8>) -> Bytes {
+    struct Wiped(Vec<u8>);
+    impl AsRef<[u8]> for Wiped {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+    impl Drop for Wiped {
+        fn drop(&mut self) {
+            zeroize::Zeroize::zeroize(&mut self.0);
+        }
+    }
+    Bytes::from_owner(Wiped(bytes))
 }
 
 impl TokenApi {
@@ -83,6 +159,7 @@ impl TokenApi {
             routes: Routes::All,
             client_secret: None,
             wall_clock: SystemTime::now,
+            rendered: ArcSwapOption::empty(),
         }
     }
 
@@ -277,34 +354,29 @@ impl TokenApi {
         let Some((token, left)) = servable else {
             return self.unavailable();
         };
-        let expires_in = left.as_secs();
+        let rendered = self.rendered(&token);
         let (content_type, body) = match format {
-            Format::Text => (
-                &TEXT,
-                Bytes::copy_from_slice(token.expose_secret().as_bytes()),
-            ),
-            Format::Json => (
-                &JSON,
-                // The token passed the bearer-token grammar on receipt, so it needs no escaping.
-                Bytes::from(format!(
-                    "{{\"access_token\":\"{}\",\"token_type\":\"Bearer\",\"expires_in\":{expires_in},\"expires_at\":\"{}\"}}",
-                    token.expose_secret(),
-                    humantime::format_rfc3339_seconds(token.expires_at()),
-                )),
-            ),
-            Format::Metadata => (
-                &JSON,
-                Bytes::from(format!(
-                    "{{\"access_token\":\"{}\",\"expires_in\":{expires_in},\"token_type\":\"Bearer\"}}",
-                    token.expose_secret(),
-                )),
-            ),
+            Format::Text => (&TEXT, rendered.plain.clone()),
+            Format::Json => (&JSON, rendered.json.with_expires_in(left.as_secs())),
+            Format::Metadata => (&JSON, rendered.metadata.with_expires_in(left.as_secs())),
         };
         let mut response = Response::new(Full::new(body));
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, content_type.clone());
         headers.insert(header::CACHE_CONTROL, NO_STORE.clone());
         response
+    }
+
+    /// The bodies for `token`, rendered once per token and cached.
+    fn rendered(&self, token: &Arc<IamToken>) -> Arc<Rendered> {
+        if let Some(cached) = self.rendered.load().as_ref()
+            && Arc::ptr_eq(&cached.token, token)
+        {
+            return Arc::clone(cached);
+        }
+        let rendered = Arc::new(Rendered::new(Arc::clone(token)));
+        self.rendered.store(Some(Arc::clone(&rendered)));
+        rendered
     }
 
     fn unavailable(&self) -> HttpResponse {
@@ -722,7 +794,6 @@ where
 mod tests {
     use super::*;
 
-    use crate::token::IamToken;
     use http_body_util::Empty;
 
     async fn status(api: &TokenApi, path: &str) -> u16 {

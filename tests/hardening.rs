@@ -79,7 +79,7 @@ fn hostile_iam_answers_are_refused_and_the_good_token_kept() {
         let started = Instant::now();
         while seen(needle) == before {
             assert!(
-                started.elapsed() < Duration::from_secs(10),
+                started.elapsed() < Duration::from_secs(30),
                 "{needle} not logged"
             );
             // Meanwhile the good token keeps being served.
