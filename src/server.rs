@@ -482,16 +482,17 @@ fn text(status: StatusCode, body: String) -> HttpResponse {
 
 /// `host:port`, `[v6]:port` or a bare host → the host part.
 fn strip_port(host: &str) -> &str {
+    let is_port = |port: &str| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit());
     if host.starts_with('[') {
+        // A malformed port leaves the whole value, which then matches nothing.
         return match host.find(']') {
-            Some(end) => &host[..=end],
-            None => host,
+            Some(end) if end + 1 == host.len() => host,
+            Some(end) if host[end + 1..].strip_prefix(':').is_some_and(is_port) => &host[..=end],
+            _ => host,
         };
     }
     match host.rsplit_once(':') {
-        Some((name, port)) if !name.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
-            name
-        }
+        Some((name, port)) if !name.contains(':') && is_port(port) => name,
         _ => host,
     }
 }
@@ -862,6 +863,10 @@ mod tests {
         assert_eq!(strip_port("[::1]:4268"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
         assert_eq!(strip_port("evil.example:80"), "evil.example");
+        // Found by fuzzing: a malformed port must not pass as loopback.
+        assert_eq!(strip_port("[::1]:42A68"), "[::1]:42A68");
+        assert_eq!(strip_port("localhost:42A68"), "localhost:42A68");
+        assert_eq!(strip_port("[::1]x"), "[::1]x");
     }
 
     #[test]
