@@ -285,6 +285,14 @@ impl TokenApi {
                 "browser requests (with an Origin header) are refused\n".into(),
             ));
         }
+        // RFC 9112 §3.2: more than one Host is a bad request (found by fuzzing: only the first
+        // was checked).
+        if headers.get_all(header::HOST).iter().nth(1).is_some() {
+            return Some(text(
+                StatusCode::BAD_REQUEST,
+                "more than one Host header\n".into(),
+            ));
+        }
         // Health and metrics carry no secret: probes and scrapers reach them by pod or host IP.
         let monitoring = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
         if let Some(host) = headers.get(header::HOST)

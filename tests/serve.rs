@@ -234,6 +234,13 @@ fn forged_and_foreign_requests_are_refused() {
         ("GET", "/token", vec![("Host", "evil.example")], 403),
         ("GET", "/token", vec![("Host", "evil.example:4268")], 403),
         ("GET", "/token", vec![("Host", "10.0.0.1")], 403),
+        ("GET", "/token", vec![("Host", "[::1]:42A68")], 403),
+        (
+            "GET",
+            "/token",
+            vec![("Host", "localhost"), ("Host", "evil.example")],
+            400,
+        ),
         (
             "GET",
             "/token",
