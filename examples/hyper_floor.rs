@@ -9,6 +9,8 @@
 //!
 //! `HYPER_FLOOR_RUNTIME` = `multi` (default: multi-thread, 2 workers, as `src/main.rs`) or
 //! `current` (current-thread), to size what the runtime flavour costs or gains.
+//! `HYPER_FLOOR_HEADER_TIMEOUT=1` arms hyper's header-read timeout with a tokio timer, as the
+//! sidecar's server does, to size what that costs per request.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -18,7 +20,7 @@ use http::{Response, header};
 use http_body_util::Full;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 /// 78 bytes, the length of a dev-emulator token.
@@ -48,10 +50,17 @@ async fn serve(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
     let listener = TcpListener::bind(addr).await?;
     eprintln!("hyper_floor listening on {}", listener.local_addr()?);
     let body = Bytes::from_static(BODY);
+    let mut builder = http1::Builder::new();
+    if std::env::var_os("HYPER_FLOOR_HEADER_TIMEOUT").is_some_and(|v| v == "1") {
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(std::time::Duration::from_secs(10));
+    }
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);
         let body = body.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
             let service = service_fn(move |_req| {
                 let mut response = Response::new(Full::new(body.clone()));
@@ -61,7 +70,7 @@ async fn serve(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
                 );
                 async move { Ok::<_, Infallible>(response) }
             });
-            let _ = http1::Builder::new()
+            let _ = builder
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
