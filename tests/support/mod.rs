@@ -380,6 +380,7 @@ pub fn assert_no_secrets(logs: &[String], tokens: &[String], extra: &[&str]) {
             );
         }
     }
+    // Every JWT opens with the base64 of {"typ":"JWT","alg":"PS256",...
     assert!(!text.contains("eyJ0eXAi"), "a JWT appears in the logs");
     assert!(!text.contains("PRIVATE KEY"));
     let key: serde_json::Value =
