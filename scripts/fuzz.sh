@@ -14,6 +14,7 @@
 #   FUZZ_NICE=10                                   niceness of the build and the runs
 #   FUZZ_RSS_LIMIT_MB=2048
 #   FUZZ_KEEP=1                                    keep the temporary corpora and logs
+#   FUZZ_SEED=1                                    fixed libFuzzer seed (repeatable runs; CI)
 #   FUZZ_BUILD_ARGS="--codegen-units 16"           `cargo fuzz build/run` options. cargo-fuzz's
 #                                                  own default is 1 codegen unit: that build took
 #                                                  2.5x the CPU time here for ~20% more exec/s.
@@ -86,10 +87,15 @@ for target in "${targets[@]}"; do
     seeds_count="$(find "$seeds" -type f | wc -l)"
 
     status=0
+    # FUZZ_SEED fixes libFuzzer's random seed (CI uses it so a run repeats); unset, it is random.
+    seed_args=()
+    if [ -n "${FUZZ_SEED:-}" ]; then
+        seed_args=(-seed="$FUZZ_SEED")
+    fi
     # -timeout: an input that runs this long counts as a crash (a hang in the product).
     nice -n "$nice_level" cargo fuzz run -s none "${build_args[@]}" "$target" "$corpus" -- \
         -max_total_time="$seconds" -rss_limit_mb="$rss_limit" -timeout=10 \
-        -print_final_stats=1 \
+        -print_final_stats=1 "${seed_args[@]}" \
         >"$log" 2>&1 || status=$?
 
     # libFuzzer's closing lines: "#123456 DONE cov: ... exec/s: 2057 rss: ..." and
