@@ -115,8 +115,10 @@ impl TokenCell {
         wall_clock: fn() -> SystemTime,
     ) -> Option<(Arc<IamToken>, Duration)> {
         let now = || self.servable_at(Instant::now(), wall_clock());
-        if self.current.load().is_some() || max_wait.is_zero() {
-            return now();
+        // The hot path: a servable token answers after a single load of the cell.
+        let first = now();
+        if first.is_some() || max_wait.is_zero() || self.current.load().is_some() {
+            return first;
         }
         let deadline = Instant::now() + max_wait;
         loop {
