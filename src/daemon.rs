@@ -87,18 +87,17 @@ pub async fn run<C: IamApi>(
 ) {
     let cell = Arc::new(TokenCell::new());
     let metrics = Arc::new(Metrics::new());
-    let api = TokenApi::new(
-        Arc::clone(&cell),
-        &settings.http,
-        credentials.service_account_id(),
-    )
-    .with_metrics(Arc::clone(&metrics));
-    let api = Arc::new(api);
-    let monitoring_api = Arc::new(
-        TokenApi::new(Arc::clone(&cell), &settings.http, None)
-            .with_metrics(Arc::clone(&metrics))
-            .with_routes(Routes::Monitoring),
-    );
+    // Every listener answers from the same cell and counts into the same metrics.
+    let new_api = || {
+        TokenApi::new(
+            Arc::clone(&cell),
+            &settings.http,
+            credentials.service_account_id(),
+        )
+        .with_metrics(Arc::clone(&metrics))
+    };
+    let api = Arc::new(new_api());
+    let monitoring_api = Arc::new(new_api().with_routes(Routes::Monitoring));
     let mut bound = Vec::new();
     for listener in listeners.http {
         tracing::info!(addr = %listener.local_addr(), "serving the IAM token over HTTP");
@@ -116,15 +115,7 @@ pub async fn run<C: IamApi>(
         bound.push((listener, Arc::clone(&api)));
     }
     if let Some(secret) = listeners.client_secret {
-        let authenticated_api = Arc::new(
-            TokenApi::new(
-                Arc::clone(&cell),
-                &settings.http,
-                credentials.service_account_id(),
-            )
-            .with_metrics(Arc::clone(&metrics))
-            .with_client_secret(secret),
-        );
+        let authenticated_api = Arc::new(new_api().with_client_secret(secret));
         for listener in listeners.authenticated {
             tracing::info!(
                 addr = %listener.local_addr(),
