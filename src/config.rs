@@ -498,7 +498,19 @@ impl Settings {
                 .log_format
                 .or(file.log.format)
                 .unwrap_or(log_defaults.format),
-            filter: file.log.filter.unwrap_or(log_defaults.filter),
+            filter: match env("RUST_LOG").filter(|v| !v.trim().is_empty()) {
+                Some(filter) => validate_log_filter(&filter).map_err(|m| ConfigError::Invalid {
+                    origin: "environment".to_owned(),
+                    field: "RUST_LOG",
+                    message: m,
+                })?,
+                None => match file.log.filter {
+                    Some(filter) => {
+                        validate_log_filter(&filter).map_err(|m| invalid("log.filter", m))?
+                    }
+                    None => log_defaults.filter,
+                },
+            },
         };
 
         let metrics_listen = file
@@ -567,6 +579,31 @@ fn resolve_credentials(
         "no credentials: set [credentials] service_account_key_file (or oauth_token_file), \
          pass --key-file, or set {ENV_KEY_FILE} (or {ENV_OAUTH_TOKEN})"
     ))
+}
+
+/// Log filter directives: `LEVEL` and `TARGET=LEVEL`, comma-separated (`info,hyper=warn`).
+/// Span and field filters (`[span{field=value}]`) are not supported; they would pull a regex
+/// engine into the binary for no use a sidecar has.
+pub fn validate_log_filter(filter: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+    let filter = filter.trim();
+    let is_level = |word: &str| LEVELS.iter().any(|l| l.eq_ignore_ascii_case(word.trim()));
+    // A bare word would otherwise mean "this target at every level", so a misspelt level
+    // ("infor") would quietly switch logging off.
+    let directives_ok = filter
+        .split(',')
+        .all(|directive| match directive.split_once('=') {
+            Some((target, level)) => !target.trim().is_empty() && is_level(level),
+            None => is_level(directive),
+        });
+    match filter.parse::<tracing_subscriber::filter::Targets>() {
+        Ok(_) if directives_ok => Ok(filter.to_owned()),
+        _ => Err(format!(
+            "{filter:?} is not a log filter: use LEVEL or TARGET=LEVEL, comma-separated, \
+             e.g. \"info,yc_iam_sidecar=debug\"; levels: {}",
+            LEVELS.join(", ")
+        )),
+    }
 }
 
 fn validate_endpoint(endpoint: &str) -> Result<(), String> {
@@ -757,6 +794,38 @@ mod tests {
         );
         assert_eq!(s.refresh.max_age, Duration::from_secs(3600));
         assert_eq!(s.http.wait_for_token, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn log_filter_is_validated_and_rust_log_wins() {
+        let base = "[credentials]\noauth_token_file = \"/t\"\n";
+        let with = |filter: &str| format!("{base}[log]\nfilter = \"{filter}\"\n");
+        assert_eq!(
+            load_str(&with("warn,yc_iam_sidecar=debug"))
+                .unwrap()
+                .log
+                .filter,
+            "warn,yc_iam_sidecar=debug"
+        );
+        for bad in ["loud", "hyper=loud", "[span{x=1}]=debug"] {
+            let err = load_str(&with(bad)).unwrap_err().to_string();
+            assert!(err.contains("log.filter") && err.contains(bad), "{err}");
+        }
+
+        let rust_log =
+            |value: &'static str| move |name: &str| (name == "RUST_LOG").then(|| value.to_owned());
+        let loaded = |value: &'static str| {
+            let file = parse(&with("warn"), "test.toml").unwrap();
+            Settings::from_file_config(file, "test.toml", &Overrides::default(), &rust_log(value))
+        };
+        assert_eq!(loaded("trace").unwrap().log.filter, "trace");
+        assert_eq!(
+            loaded("  ").unwrap().log.filter,
+            "warn",
+            "a blank RUST_LOG is unset"
+        );
+        let err = loaded("verbose").unwrap_err().to_string();
+        assert!(err.contains("RUST_LOG") && err.contains("verbose"), "{err}");
     }
 
     #[test]

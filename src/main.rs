@@ -6,7 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
+use tracing_subscriber::filter::Targets;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 use yc_iam_sidecar::config::{self, LogFormat, Overrides, Settings, SinkFormat, SinkSettings};
 use yc_iam_sidecar::credentials::{Credentials, ServiceAccountKey};
@@ -212,17 +215,24 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(format: LogFormat, default_filter: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(default_filter))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+fn init_logging(format: LogFormat, filter: &str) {
+    // Validated with the rest of the settings (`RUST_LOG` included); "info" is only a guard.
+    let filter: Targets = filter
+        .parse()
+        .unwrap_or_else(|_| Targets::new().with_default(Level::INFO));
+    // The builder's own level (INFO unless set) would cap the filter; the filter decides.
     let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(Level::TRACE)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+        LogFormat::Text => builder.finish().with(filter).init(),
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .finish()
+            .with(filter)
+            .init(),
     }
 }
 
@@ -434,8 +444,12 @@ async fn dev(args: DevArgs) -> Result<(), Failure> {
     let credentials = ServiceAccountKey::from_json(&key.json, "generated dev key".as_ref())
         .map_err(|e| Failure::new(EX_SOFTWARE, e))?;
 
-    // Settings as for `serve`, minus credentials, which the dev key supplies.
-    let env = |_: &str| None;
+    // Settings as for `serve`, minus credentials, which the dev key supplies: of the
+    // environment only RUST_LOG counts.
+    let env = |name: &str| match name {
+        "RUST_LOG" => std::env::var(name).ok(),
+        _ => None,
+    };
     let overrides = Overrides {
         listen: args.listen,
         oauth_token_file: Some("unused".into()),

@@ -192,6 +192,12 @@ fn bad_input_exits_with_one_clear_line() {
             vec!["iam.endpoint"],
         ),
         (
+            format!("{}[log]\nfilter = \"infor\"\n", key_config(&good)),
+            vec![],
+            78,
+            vec!["log.filter", "\"infor\" is not a log filter"],
+        ),
+        (
             key_config(&good),
             vec!["--listen", "localhost:80"],
             78,
