@@ -153,7 +153,6 @@ impl GrpcIam {
         let mut endpoint = Endpoint::from_shared(settings.endpoint.clone())
             .map_err(|e| endpoint_error(e.to_string()))?
             .connect_timeout(settings.connect_timeout)
-            .timeout(settings.call_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(60))
             .keep_alive_timeout(Duration::from_secs(20))
@@ -206,12 +205,14 @@ impl IamApi for GrpcIam {
         let mut request = tonic::Request::new(CreateIamTokenRequest {
             identity: Some(identity),
         });
+        // grpc-timeout tells IAM when to give up; the local deadline bounds connection set-up,
+        // the call and any stall.
         request.set_timeout(self.call_timeout);
-        // The channel has its own timeout; this one also bounds connection setup and any stall.
+        let started = tokio::time::Instant::now();
         let call = tokio::time::timeout(self.call_timeout, client.create(request));
         let response = match call.await {
             Err(_) => return Err(IamError::Timeout(self.call_timeout)),
-            Ok(Err(status)) => return Err(IamError::from_status(&status)),
+            Ok(Err(status)) => return Err(status_error(&status, started, self.call_timeout)),
             Ok(Ok(response)) => response,
         };
         let request_id = response
@@ -249,12 +250,27 @@ impl GrpcIam {
             })?;
         bearer.set_sensitive(true);
         request.metadata_mut().insert("authorization", bearer);
+        let started = tokio::time::Instant::now();
         match tokio::time::timeout(self.call_timeout, client.revoke(request)).await {
             Err(_) => Err(IamError::Timeout(self.call_timeout)),
-            Ok(Err(status)) => Err(IamError::from_status(&status)),
+            Ok(Err(status)) => Err(status_error(&status, started, self.call_timeout)),
             Ok(Ok(_)) => Ok(()),
         }
     }
+}
+
+/// A status that ends a call at its deadline (IAM's answer to `grpc-timeout` may beat the local
+/// timer by a hair) is the timeout it is, not a remote failure.
+fn status_error(
+    status: &tonic::Status,
+    started: tokio::time::Instant,
+    limit: Duration,
+) -> IamError {
+    let deadline_answer = matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled);
+    if deadline_answer && started.elapsed() >= limit {
+        return IamError::Timeout(limit);
+    }
+    IamError::from_status(status)
 }
 
 /// Converts a protobuf timestamp; `None` for values outside what `SystemTime` can hold.

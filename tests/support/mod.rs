@@ -282,6 +282,14 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
+        // A failing test shows what the sidecar said (INFO and above).
+        if std::thread::panicking() {
+            for line in self.logs() {
+                if !line.contains("\"level\":\"TRACE\"") && !line.contains("\"level\":\"DEBUG\"") {
+                    eprintln!("sidecar log: {line}");
+                }
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
