@@ -90,10 +90,22 @@ impl TokenCell {
         mono_now: Instant,
         wall_now: SystemTime,
     ) -> Option<(Arc<IamToken>, Duration)> {
+        self.with_servable(mono_now, wall_now, |token, left| (Arc::clone(token), left))
+    }
+
+    /// Calls `serve` with the current token and its time left, if it may be served at the given
+    /// clock readings. The token is borrowed, not cloned: the request hot path touches no
+    /// reference count shared between threads.
+    pub fn with_servable<R>(
+        &self,
+        mono_now: Instant,
+        wall_now: SystemTime,
+        serve: impl FnOnce(&Arc<IamToken>, Duration) -> R,
+    ) -> Option<R> {
         let guard = self.current.load();
         let token = guard.as_ref()?;
         match token.servable_for(mono_now, wall_now) {
-            Some(left) => Some((Arc::clone(token), left)),
+            Some(left) => Some(serve(token, left)),
             None => {
                 // Expired on the wall clock while the monotonic deadline is still ahead: the
                 // machine was suspended or the clock moved. Ask the refresher to renew now.

@@ -5,8 +5,10 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -35,6 +37,7 @@ const METADATA_ACCOUNT_PATH: &str = "/computeMetadata/v1/instance/service-accoun
 const METADATA_EMAIL_PATH: &str = "/computeMetadata/v1/instance/service-accounts/default/email";
 
 static METADATA_FLAVOR: HeaderName = HeaderName::from_static("metadata-flavor");
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static GOOGLE: HeaderValue = HeaderValue::from_static("Google");
 static NO_STORE: HeaderValue = HeaderValue::from_static("no-store");
 static TEXT: HeaderValue = HeaderValue::from_static("text/plain; charset=utf-8");
@@ -189,16 +192,48 @@ impl TokenApi {
 
     /// Handles one request. The body is never read.
     pub async fn handle<B: Body>(&self, req: Request<B>) -> HttpResponse {
-        let (route, response) = self.route(req).await;
-        if let Some(metrics) = &self.metrics {
-            metrics.http_request(route, response.status().as_u16());
+        match self.respond(&req) {
+            Ok(response) => response,
+            Err(waiting) => self.respond_after_wait(waiting).await,
         }
+    }
+
+    /// Answers `req` at once, or, for a token request that arrives before the first token was
+    /// obtained, says what to wait for ([`TokenApi::respond_after_wait`]). Every answer but the
+    /// wait is synchronous: the hot path needs no future of its own.
+    pub fn respond<B: Body>(&self, req: &Request<B>) -> Result<HttpResponse, Waiting> {
+        let (route, response) = self.route(req)?;
+        self.record(route, &response);
+        Ok(response)
+    }
+
+    /// Waits up to `http.wait_for_token` for the first token, then answers.
+    pub async fn respond_after_wait(&self, waiting: Waiting) -> HttpResponse {
+        let served = self
+            .cell
+            .wait_servable(self.wait_for_token, self.wall_clock)
+            .await;
+        let response = match served {
+            Some((token, left)) => self.token_response(waiting.format, &token, left),
+            None => self.unavailable(),
+        };
+        let response = match waiting.format {
+            Format::Metadata => flavored(response),
+            Format::Text | Format::Json => response,
+        };
+        self.record(waiting.route, &response);
         response
     }
 
-    async fn route<B: Body>(&self, req: Request<B>) -> (&'static str, HttpResponse) {
-        if let Some(refusal) = self.refuse(&req) {
-            return ("refused", refusal);
+    fn record(&self, route: &'static str, response: &HttpResponse) {
+        if let Some(metrics) = &self.metrics {
+            metrics.http_request(route, response.status().as_u16());
+        }
+    }
+
+    fn route<B: Body>(&self, req: &Request<B>) -> Result<(&'static str, HttpResponse), Waiting> {
+        if let Some(refusal) = self.refuse(req) {
+            return Ok(("refused", refusal));
         }
         let path = req.uri().path();
         let route = match path {
@@ -212,7 +247,7 @@ impl TokenApi {
         };
         let monitoring = matches!(route, "healthz" | "readyz" | "metrics");
         if self.routes == Routes::Monitoring && !monitoring {
-            return ("unknown", text(StatusCode::NOT_FOUND, "not found\n".into()));
+            return Ok(("unknown", text(StatusCode::NOT_FOUND, "not found\n".into())));
         }
         if let Some(secret) = &self.client_secret
             && !monitoring
@@ -227,16 +262,20 @@ impl TokenApi {
                 header::WWW_AUTHENTICATE,
                 HeaderValue::from_static("Bearer realm=\"yc-iam-sidecar\""),
             );
-            return ("unauthorized", response);
+            return Ok(("unauthorized", response));
         }
-        (route, self.dispatch(req).await)
+        Ok((route, self.dispatch(route, req)?))
     }
 
-    async fn dispatch<B: Body>(&self, req: Request<B>) -> HttpResponse {
+    fn dispatch<B: Body>(
+        &self,
+        route: &'static str,
+        req: &Request<B>,
+    ) -> Result<HttpResponse, Waiting> {
         let query = req.uri().query().unwrap_or("");
-        match req.uri().path() {
+        Ok(match req.uri().path() {
             "/token" => match token_format(query) {
-                Ok(format) => self.token(format).await,
+                Ok(format) => self.token(route, format)?,
                 Err(bad) => text(StatusCode::BAD_REQUEST, bad),
             },
             "/healthz" => text(StatusCode::OK, "ok\n".into()),
@@ -254,11 +293,11 @@ impl TokenApi {
                 }
                 None => text(StatusCode::NOT_FOUND, "metrics are off\n".into()),
             },
-            METADATA_TOKEN_PATH if has_metadata_flavor(&req) => {
-                flavored(self.token(Format::Metadata).await)
+            METADATA_TOKEN_PATH if has_metadata_flavor(req) => {
+                flavored(self.token(route, Format::Metadata)?)
             }
             "/" => flavored(text(StatusCode::OK, "computeMetadata/\n".into())),
-            METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH if has_metadata_flavor(&req) => {
+            METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH if has_metadata_flavor(req) => {
                 flavored(self.account(req.uri().path(), query))
             }
             METADATA_TOKEN_PATH | METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => flavored(text(
@@ -266,14 +305,14 @@ impl TokenApi {
                 "missing header Metadata-Flavor: Google\n".into(),
             )),
             _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
-        }
+        })
     }
 
     /// Refuses requests that did not come straight from a local process: proxied ones, browser
     /// ones, ones naming a foreign host (DNS rebinding), and anything but a bodiless GET or HEAD.
     fn refuse<B: Body>(&self, req: &Request<B>) -> Option<HttpResponse> {
         let headers = req.headers();
-        if headers.contains_key("x-forwarded-for") || headers.contains_key(header::FORWARDED) {
+        if headers.contains_key(&X_FORWARDED_FOR) || headers.contains_key(header::FORWARDED) {
             return Some(text(
                 StatusCode::FORBIDDEN,
                 "forwarded requests are refused: the token is only for local processes\n".into(),
@@ -338,7 +377,8 @@ impl TokenApi {
             return false;
         };
         let name = strip_port(host);
-        if name.eq_ignore_ascii_case("localhost") {
+        // What clients send nearly always, before any parsing.
+        if name == "127.0.0.1" || name.eq_ignore_ascii_case("localhost") {
             return true;
         }
         if let Ok(ip) = name
@@ -354,15 +394,38 @@ impl TokenApi {
             .any(|allowed| allowed.eq_ignore_ascii_case(name))
     }
 
-    async fn token(&self, format: Format) -> HttpResponse {
-        let servable = self
+    /// The token now; a wait if none was ever obtained and waiting is configured; else 503.
+    fn token(&self, route: &'static str, format: Format) -> Result<HttpResponse, Waiting> {
+        let now = tokio::time::Instant::now();
+        let served = self
             .cell
-            .wait_servable(self.wait_for_token, self.wall_clock)
-            .await;
-        let Some((token, left)) = servable else {
-            return self.unavailable();
+            .with_servable(now, (self.wall_clock)(), |token, left| {
+                self.token_response(format, token, left)
+            });
+        match served {
+            Some(response) => Ok(response),
+            None if self.wait_for_token.is_zero() || self.cell.load().is_some() => {
+                Ok(self.unavailable())
+            }
+            None => Err(Waiting { route, format }),
+        }
+    }
+
+    fn token_response(
+        &self,
+        format: Format,
+        token: &Arc<IamToken>,
+        left: Duration,
+    ) -> HttpResponse {
+        let cached = self.rendered.load();
+        let fresh;
+        let rendered = match cached.as_deref() {
+            Some(rendered) if Arc::ptr_eq(&rendered.token, token) => rendered,
+            _ => {
+                fresh = self.render(token);
+                &*fresh
+            }
         };
-        let rendered = self.rendered(&token);
         let (content_type, body) = match format {
             Format::Text => (&TEXT, rendered.plain.clone()),
             Format::Json => (&JSON, rendered.json.with_expires_in(left.as_secs())),
@@ -375,13 +438,8 @@ impl TokenApi {
         response
     }
 
-    /// The bodies for `token`, rendered once per token and cached.
-    fn rendered(&self, token: &Arc<IamToken>) -> Arc<Rendered> {
-        if let Some(cached) = self.rendered.load().as_ref()
-            && Arc::ptr_eq(&cached.token, token)
-        {
-            return Arc::clone(cached);
-        }
+    /// Renders the bodies for a token served for the first time, and caches them.
+    fn render(&self, token: &Arc<IamToken>) -> Arc<Rendered> {
         let rendered = Arc::new(Rendered::new(Arc::clone(token)));
         self.rendered.store(Some(Arc::clone(&rendered)));
         rendered
@@ -440,6 +498,14 @@ impl TokenApi {
             .insert(header::CONTENT_TYPE, JSON.clone());
         response
     }
+}
+
+/// A token request that arrived before the first token: [`TokenApi::respond_after_wait`]
+/// answers it.
+#[derive(Debug)]
+pub struct Waiting {
+    route: &'static str,
+    format: Format,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -752,6 +818,26 @@ impl Drop for InFlight {
     }
 }
 
+/// The future hyper awaits for one request: the answer already made (nearly always), or one
+/// waiting for the first token.
+enum Reply {
+    Now(Option<HttpResponse>),
+    Later(Pin<Box<dyn Future<Output = HttpResponse> + Send>>),
+}
+
+impl Future for Reply {
+    type Output = Result<HttpResponse, Infallible>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.get_mut() {
+            Reply::Now(response) => Poll::Ready(Ok(response
+                .take()
+                .expect("Reply polled after it completed"))),
+            Reply::Later(future) => future.as_mut().poll(cx).map(Ok),
+        }
+    }
+}
+
 /// Serves one connection. On shutdown it finishes the request in flight and closes; evicted
 /// (idle, over the connection limit) it closes at once. Returns its id.
 fn connection<I>(
@@ -765,14 +851,18 @@ where
 {
     let api = Arc::clone(api);
     let in_flight = Arc::clone(&task.in_flight);
-    let service = service_fn(move |req| {
-        let api = Arc::clone(&api);
-        in_flight.fetch_add(1, Ordering::AcqRel);
-        let guard = InFlight(Arc::clone(&in_flight));
-        async move {
-            let response = api.handle(req).await;
-            drop(guard);
-            Ok::<_, Infallible>(response)
+    let service = service_fn(move |req| match api.respond(&req) {
+        Ok(response) => Reply::Now(Some(response)),
+        Err(waiting) => {
+            // Only a request waiting for the first token keeps its connection busy.
+            let api = Arc::clone(&api);
+            in_flight.fetch_add(1, Ordering::AcqRel);
+            let guard = InFlight(Arc::clone(&in_flight));
+            Reply::Later(Box::pin(async move {
+                let response = api.respond_after_wait(waiting).await;
+                drop(guard);
+                response
+            }))
         }
     });
     let conn = builder.serve_connection(TokioIo::new(io), service);
