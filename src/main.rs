@@ -184,15 +184,11 @@ fn main() -> ExitCode {
             };
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
+    let runtime = match runtime(std::env::var(ENV_WORKER_THREADS).ok().as_deref()) {
         Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("yc-iam-sidecar: error: cannot start the async runtime: {error}");
-            return ExitCode::from(EX_SOFTWARE);
+        Err(failure) => {
+            eprintln!("yc-iam-sidecar: error: {}", failure.message);
+            return ExitCode::from(failure.code);
         }
     };
     let result = runtime.block_on(async {
@@ -213,6 +209,41 @@ fn main() -> ExitCode {
             ExitCode::from(failure.code)
         }
     }
+}
+
+const ENV_WORKER_THREADS: &str = "YC_IAM_SIDECAR_WORKER_THREADS";
+
+/// The async runtime: `worker_threads` (from the environment; it must be known before anything
+/// else runs) worker threads, 2 by default; 0 runs everything on the main thread.
+fn runtime(worker_threads: Option<&str>) -> Result<tokio::runtime::Runtime, Failure> {
+    let threads = match worker_threads.map(str::trim) {
+        None | Some("") => 2,
+        Some(text) => match text.parse::<usize>() {
+            Ok(n) if n <= 64 => n,
+            _ => {
+                return Err(Failure::new(
+                    EX_CONFIG,
+                    format!(
+                        "{ENV_WORKER_THREADS}={text:?}: use a number of threads from 0 \
+                         (everything on one thread) to 64"
+                    ),
+                ));
+            }
+        },
+    };
+    let mut builder = if threads == 0 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build().map_err(|error| {
+        Failure::new(
+            EX_SOFTWARE,
+            format!("cannot start the async runtime: {error}"),
+        )
+    })
 }
 
 fn init_logging(format: LogFormat, filter: &str) {

@@ -216,6 +216,17 @@ fn bad_input_exits_with_one_clear_line() {
             vec!["--bogus-flag"],
         ),
     ];
+    for threads in ["two", "-1", "65"] {
+        let (code, _, stderr) = run_binary(
+            &["check-config", "--key-file", &good],
+            &[("YC_IAM_SIDECAR_WORKER_THREADS", threads)],
+        );
+        assert_eq!(code, Some(78), "{stderr}");
+        assert!(
+            stderr.contains("YC_IAM_SIDECAR_WORKER_THREADS") && stderr.contains(threads),
+            "{stderr}"
+        );
+    }
     for (config_text, args, want_code, needles) in cases {
         let (code, stderr) = startup_failure(&config_text, &args);
         assert_eq!(code, Some(want_code), "{needles:?}: {stderr}");

@@ -363,6 +363,37 @@ fn same_token_from_iam_again_is_normal() {
 }
 
 #[test]
+fn one_thread_runtime_serves_renews_and_stops() {
+    let iam = FakeIam::start(Duration::from_secs(3));
+    let sidecar = Sidecar::start_with(
+        &config(&iam, FAST_REFRESH, ""),
+        "info",
+        &[("YC_IAM_SIDECAR_WORKER_THREADS", "0")],
+    );
+    sidecar.wait_for("/token", Duration::from_secs(10), |r| r.status == 200);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", sidecar.pid())).unwrap();
+    let threads = status.lines().find(|l| l.starts_with("Threads:")).unwrap();
+    assert_eq!(threads.split_whitespace().nth(1), Some("1"), "{threads}");
+
+    let mut seen = HashSet::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(4) {
+        let response = sidecar.get("/token");
+        assert_eq!(response.status, 200, "{response:?}");
+        seen.insert(response.body);
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    assert!(
+        seen.len() >= 2,
+        "renewed on one thread: {} tokens",
+        seen.len()
+    );
+    sidecar.signal("TERM");
+    let (code, logs) = sidecar.wait(Duration::from_secs(10));
+    assert_eq!(code, Some(0), "{logs:#?}");
+}
+
+#[test]
 fn sigterm_drains_and_exits_zero() {
     let (_iam, sidecar) = started(Duration::from_secs(3600), "");
     sidecar.wait_for("/token", Duration::from_secs(10), |r| r.status == 200);

@@ -251,6 +251,10 @@ impl Sidecar {
     }
 
     /// Sends a signal by name (`TERM`, `INT`, `HUP`) with the system's `kill`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn signal(&self, name: &str) {
         let status = Command::new("kill")
             .arg(format!("-{name}"))
