@@ -179,6 +179,14 @@ SIDECAR_PID=$!
 pids+=("$SIDECAR_PID")
 wait_http "http://127.0.0.1:$SIDECAR_PORT/readyz" 30 "$SIDECAR_PID"
 
+SIDECAR_CT_PORT=$(free_port)
+say "sidecar on one thread (YC_IAM_SIDECAR_WORKER_THREADS=0): dev mode on 127.0.0.1:$SIDECAR_CT_PORT"
+YC_IAM_SIDECAR_WORKER_THREADS=0 "$BIN" dev --listen "127.0.0.1:$SIDECAR_CT_PORT" --token-lifetime 1h \
+    >"$WORK/sidecar-ct.log" 2>&1 &
+SIDECAR_CT_PID=$!
+pids+=("$SIDECAR_CT_PID")
+wait_http "http://127.0.0.1:$SIDECAR_CT_PORT/readyz" 30 "$SIDECAR_CT_PID"
+
 FLOOR_PORT=$(free_port)
 say "hyper_floor (multi-thread, 2 workers) on 127.0.0.1:$FLOOR_PORT"
 HYPER_FLOOR_RUNTIME=multi "$FLOOR" "127.0.0.1:$FLOOR_PORT" >"$WORK/floor.log" 2>&1 &
@@ -301,13 +309,14 @@ spread() {
     printf '%s\n' "${list[@]}" | sort -g | awk 'NR == 1 { lo = $1 } { hi = $1 } END { printf "%.0f–%.0f", lo, hi }'
 }
 
-TARGETS=(sidecar metadata floor floor-ct)
+TARGETS=(sidecar metadata sidecar-ct floor floor-ct)
 [[ -n $FLOOR_TIMER_PID ]] && TARGETS+=(floor-timer)
 [[ -n $NGINX_PID ]] && TARGETS+=(nginx)
 url_of() {
     case $1 in
     sidecar) echo "http://127.0.0.1:$SIDECAR_PORT/token" ;;
     metadata) echo "http://127.0.0.1:$SIDECAR_PORT$METADATA_PATH" ;;
+    sidecar-ct) echo "http://127.0.0.1:$SIDECAR_CT_PORT/token" ;;
     floor) echo "http://127.0.0.1:$FLOOR_PORT/token" ;;
     floor-ct) echo "http://127.0.0.1:$FLOOR_CT_PORT/token" ;;
     floor-timer) echo "http://127.0.0.1:$FLOOR_TIMER_PORT/token" ;;
@@ -340,7 +349,7 @@ PEAK_RSS_KB=$(status_field "$SIDECAR_PID" VmHWM)
 CPU_MS_PER_100K=$(awk -v t="$cpu_ticks" -v hz="$CLK_TCK" -v n="$cpu_requests" \
     'BEGIN { printf "%.0f", (n > 0) ? t * 1000 / hz * 100000 / n : 0 }')
 
-helpers=("$FLOOR_PID" "$FLOOR_CT_PID")
+helpers=("$SIDECAR_CT_PID" "$FLOOR_PID" "$FLOOR_CT_PID")
 [[ -n $FLOOR_TIMER_PID ]] && helpers+=("$FLOOR_TIMER_PID")
 [[ -n $NGINX_PID ]] && helpers+=("$NGINX_PID")
 for pid in "${helpers[@]}"; do stop "$pid"; done
@@ -436,6 +445,8 @@ R_P99=$(calc "$(med P99 "sidecar:$c") / $(med P99 "floor:$c")")
 R_NGINX=n/a
 [[ -n $NGINX_PID ]] && R_NGINX=$(calc "$(med RPS "sidecar:$c") / $(med RPS "nginx:$c")")
 R_CT=$(calc "$(med RPS "floor-ct:$c") / $(med RPS "floor:$c")")
+R_SIDECAR_CT=$(calc "$(med RPS "sidecar-ct:$c") / $(med RPS "sidecar:$c")")
+R_SIDECAR_CT_FLOOR=$(calc "$(med RPS "sidecar-ct:$c") / $(med RPS "floor-ct:$c")")
 RSS_MIB=$(calc "$PEAK_RSS_KB / 1024")
 SIZE_MB=$(calc "$SIZE_BYTES / 1000000")
 SIZE_MIB=$(calc "$SIZE_BYTES / 1048576")
@@ -459,6 +470,7 @@ label() {
     case $1 in
     sidecar) echo "sidecar \`/token\`" ;;
     metadata) echo "sidecar metadata path" ;;
+    sidecar-ct) echo "sidecar \`/token\`, one thread (\`YC_IAM_SIDECAR_WORKER_THREADS=0\`)" ;;
     floor) echo "hyper floor (multi-thread, 2 workers)" ;;
     floor-ct) echo "hyper floor (current-thread)" ;;
     floor-timer) echo "hyper floor + header-read timeout timer" ;;
@@ -489,6 +501,8 @@ cat <<EOF
 | start to \`/readyz\` 200, \`dev\` (RSA key generation included; median of $BENCH_READY_RUNS) | $READY_DEV_MS ms | — | — |
 | release binary size (stripped: $stripped) | $SIZE_MB MB ($SIZE_MIB MiB) | ≤ 8 MB | $(ok "$SIZE_MB <= 8") |
 | hyper floor current-thread / multi-thread, at $c conns | $R_CT × | — | — |
+| sidecar one thread / two workers, at $c conns | $R_SIDECAR_CT × | — | — |
+| sidecar one thread / hyper floor current-thread, at $c conns | $R_SIDECAR_CT_FLOOR × | — | — |
 $([[ -n $FLOOR_TIMER_PID ]] && echo "| hyper floor with header-read timer / without, at $c conns | $(calc "$(med RPS "floor-timer:$c") / $(med RPS "floor:$c")") × | — | — |")
 
 Start-to-ready runs (ms): serve ${serve_runs[*]}; dev ${dev_runs[*]}.
