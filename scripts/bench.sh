@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Load benchmark of yc-iam-sidecar on this machine (issue 5): the sidecar's /token and metadata
 # path against the floor of its own stack (examples/hyper_floor.rs) and against nginx serving the
-# same token from a static file; then peak RSS, CPU per 100k requests, idle CPU and context
-# switches, start-to-ready time and the stripped binary size. Prints a markdown block at the end
-# for docs/benchmarks.md.
+# same token from a static file, and the sidecar on one thread against the current-thread floor;
+# then peak RSS, CPU per 100k requests, idle CPU and context switches, start-to-ready time and
+# the stripped binary size. Prints a markdown block at the end for docs/benchmarks.md.
 #
 # Usage: scripts/bench.sh [--install] [--help]
 #
@@ -36,7 +36,7 @@ TARGET_DIR=${CARGO_TARGET_DIR:-target}
 METADATA_PATH=/computeMetadata/v1/instance/service-accounts/default/token
 KEY_FILE=tests/fixtures/sa-key-rsa2048.json
 
-usage() { sed -n '2,22s/^# \{0,1\}//p' "$0"; }
+usage() { sed -n '2,24s/^# \{0,1\}//p' "$0"; }
 say() { printf '==> %s\n' "$*" >&2; }
 die() {
     printf 'bench.sh: %s\n' "$*" >&2
