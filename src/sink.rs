@@ -315,11 +315,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("token");
         let marker = dir.path().join("ran");
-        // A real child process that records the signal it gets.
+        // A real child process that records the signal it gets. USR1, not HUP: a shell started
+        // under nohup ignores HUP and cannot trap it.
         let mut child = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(format!(
-                "trap 'echo hup > {}; exit 0' HUP; while :; do sleep 0.05; done",
+                "trap 'echo usr1 > {}; exit 0' USR1; while :; do sleep 0.05; done",
                 dir.path().join("signalled").display()
             ))
             .spawn()
@@ -333,7 +334,7 @@ mod tests {
                 "-c".into(),
                 format!("cp \"$YC_IAM_SIDECAR_TOKEN_FILE\" {}", marker.display()),
             ],
-            signal: Some("HUP".into()),
+            signal: Some("USR1".into()),
             pid_file: Some(pid_file),
             ..settings(path.clone())
         });
@@ -347,7 +348,7 @@ mod tests {
         assert!(status.success());
         assert_eq!(
             std::fs::read_to_string(dir.path().join("signalled")).unwrap(),
-            "hup\n"
+            "usr1\n"
         );
 
         let failing = FileSink::new(SinkSettings {
