@@ -395,15 +395,42 @@ fn one_thread_runtime_serves_renews_and_stops() {
 
 #[test]
 fn sigterm_drains_and_exits_zero() {
-    let (_iam, sidecar) = started(Duration::from_secs(3600), "");
+    use std::io::{Read, Write};
+    let iam = FakeIam::start(Duration::from_secs(3600));
+    // A grace period and header-read timeout far longer than the test waits: connections must
+    // close because they are told to, not because a timer ran out.
+    let sidecar = Sidecar::start(
+        &config(
+            &iam,
+            "",
+            "shutdown_grace = \"60s\"\nheader_read_timeout = \"60s\"",
+        ),
+        "info",
+    );
     sidecar.wait_for("/token", Duration::from_secs(10), |r| r.status == 200);
-    // An idle keep-alive connection must not hold shutdown up.
-    let idle = std::net::TcpStream::connect(sidecar.addr).unwrap();
+    // An idle keep-alive connection (one request answered, then quiet) must not hold shutdown up:
+    // the server closes it.
+    let mut idle = std::net::TcpStream::connect(sidecar.addr).unwrap();
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut answer = [0u8; 512];
+    let n = idle.read(&mut answer).unwrap();
+    assert!(answer[..n].starts_with(b"HTTP/1.1 200"));
+    let never_used = std::net::TcpStream::connect(sidecar.addr).unwrap();
     sidecar.signal("TERM");
-    let (code, logs) = sidecar.wait(Duration::from_secs(10));
+    idle.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    assert_eq!(idle.read(&mut answer).unwrap(), 0, "closed by the server");
+    let (code, logs) = sidecar.wait(Duration::from_secs(20));
     assert_eq!(code, Some(0), "{logs:#?}");
     assert!(logs.iter().any(|l| l.contains("SIGTERM received")));
-    drop(idle);
+    assert!(
+        !logs
+            .iter()
+            .any(|l| l.contains("still open after the shutdown grace")),
+        "{logs:#?}"
+    );
+    drop(never_used);
 }
 
 #[test]
