@@ -127,7 +127,6 @@ impl TokenCell {
         wall_clock: fn() -> SystemTime,
     ) -> Option<(Arc<IamToken>, Duration)> {
         let now = || self.servable_at(Instant::now(), wall_clock());
-        // The hot path: a servable token answers after a single load of the cell.
         let first = now();
         if first.is_some() || max_wait.is_zero() || self.current.load().is_some() {
             return first;

@@ -202,8 +202,8 @@ impl TokenApi {
     /// obtained, says what to wait for ([`TokenApi::respond_after_wait`]). Every answer but the
     /// wait is synchronous: the hot path needs no future of its own.
     pub fn respond<B: Body>(&self, req: &Request<B>) -> Result<HttpResponse, Waiting> {
-        let (route, response) = self.route(req)?;
-        self.record(route, &response);
+        let (label, response) = self.route(req)?;
+        self.record(label, &response);
         Ok(response)
     }
 
@@ -212,16 +212,10 @@ impl TokenApi {
         let served = self
             .cell
             .wait_servable(self.wait_for_token, self.wall_clock)
-            .await;
-        let response = match served {
-            Some((token, left)) => self.token_response(waiting.format, &token, left),
-            None => self.unavailable(),
-        };
-        let response = match waiting.format {
-            Format::Metadata => flavored(response),
-            Format::Text | Format::Json => response,
-        };
-        self.record(waiting.route, &response);
+            .await
+            .map(|(token, left)| self.token_response(waiting.format, &token, left));
+        let response = self.token_answer(waiting.format, served);
+        self.record(waiting.route.label(), &response);
         response
     }
 
@@ -231,27 +225,21 @@ impl TokenApi {
         }
     }
 
+    /// The answer and its metrics label.
     fn route<B: Body>(&self, req: &Request<B>) -> Result<(&'static str, HttpResponse), Waiting> {
-        if let Some(refusal) = self.refuse(req) {
+        let route = Route::of(req.uri().path());
+        if let Some(refusal) = self.refuse(req, route) {
             return Ok(("refused", refusal));
         }
-        let path = req.uri().path();
-        let route = match path {
-            "/token" => "token",
-            METADATA_TOKEN_PATH => "metadata_token",
-            "/healthz" => "healthz",
-            "/readyz" => "readyz",
-            "/metrics" => "metrics",
-            "/" | METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => "metadata_other",
-            _ => "unknown",
-        };
-        let monitoring = matches!(route, "healthz" | "readyz" | "metrics");
-        if self.routes == Routes::Monitoring && !monitoring {
-            return Ok(("unknown", text(StatusCode::NOT_FOUND, "not found\n".into())));
+        if self.routes == Routes::Monitoring && !route.is_monitoring() {
+            return Ok((
+                Route::Unknown.label(),
+                text(StatusCode::NOT_FOUND, "not found\n".into()),
+            ));
         }
         if let Some(secret) = &self.client_secret
-            && !monitoring
-            && route != "unknown"
+            && !route.is_monitoring()
+            && route != Route::Unknown
             && !secret.verify(req.headers().get(header::AUTHORIZATION))
         {
             let mut response = text(
@@ -264,23 +252,20 @@ impl TokenApi {
             );
             return Ok(("unauthorized", response));
         }
-        Ok((route, self.dispatch(route, req)?))
+        Ok((route.label(), self.dispatch(route, req)?))
     }
 
-    fn dispatch<B: Body>(
-        &self,
-        route: &'static str,
-        req: &Request<B>,
-    ) -> Result<HttpResponse, Waiting> {
+    fn dispatch<B: Body>(&self, route: Route, req: &Request<B>) -> Result<HttpResponse, Waiting> {
+        let path = req.uri().path();
         let query = req.uri().query().unwrap_or("");
-        Ok(match req.uri().path() {
-            "/token" => match token_format(query) {
+        Ok(match route {
+            Route::Token => match token_format(query) {
                 Ok(format) => self.token(route, format)?,
                 Err(bad) => text(StatusCode::BAD_REQUEST, bad),
             },
-            "/healthz" => text(StatusCode::OK, "ok\n".into()),
-            "/readyz" => self.ready(),
-            "/metrics" => match &self.metrics {
+            Route::Healthz => text(StatusCode::OK, "ok\n".into()),
+            Route::Readyz => self.ready(),
+            Route::Metrics => match &self.metrics {
                 Some(metrics) => {
                     let mut response = text(StatusCode::OK, metrics.render(&self.cell));
                     response.headers_mut().insert(
@@ -293,24 +278,24 @@ impl TokenApi {
                 }
                 None => text(StatusCode::NOT_FOUND, "metrics are off\n".into()),
             },
-            METADATA_TOKEN_PATH if has_metadata_flavor(req) => {
-                flavored(self.token(route, Format::Metadata)?)
+            Route::MetadataToken if has_metadata_flavor(req) => {
+                self.token(route, Format::Metadata)?
             }
-            "/" => flavored(text(StatusCode::OK, "computeMetadata/\n".into())),
-            METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH if has_metadata_flavor(req) => {
-                flavored(self.account(req.uri().path(), query))
+            Route::MetadataOther if path == "/" => {
+                flavored(text(StatusCode::OK, "computeMetadata/\n".into()))
             }
-            METADATA_TOKEN_PATH | METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => flavored(text(
+            Route::MetadataOther if has_metadata_flavor(req) => flavored(self.account(path, query)),
+            Route::MetadataToken | Route::MetadataOther => flavored(text(
                 StatusCode::FORBIDDEN,
                 "missing header Metadata-Flavor: Google\n".into(),
             )),
-            _ => text(StatusCode::NOT_FOUND, "not found\n".into()),
+            Route::Unknown => text(StatusCode::NOT_FOUND, "not found\n".into()),
         })
     }
 
     /// Refuses requests that did not come straight from a local process: proxied ones, browser
     /// ones, ones naming a foreign host (DNS rebinding), and anything but a bodiless GET or HEAD.
-    fn refuse<B: Body>(&self, req: &Request<B>) -> Option<HttpResponse> {
+    fn refuse<B: Body>(&self, req: &Request<B>, route: Route) -> Option<HttpResponse> {
         let headers = req.headers();
         if headers.contains_key(&X_FORWARDED_FOR) || headers.contains_key(header::FORWARDED) {
             return Some(text(
@@ -333,9 +318,8 @@ impl TokenApi {
             ));
         }
         // Health and metrics carry no secret: probes and scrapers reach them by pod or host IP.
-        let monitoring = matches!(req.uri().path(), "/healthz" | "/readyz" | "/metrics");
         if let Some(host) = headers.get(header::HOST)
-            && !monitoring
+            && !route.is_monitoring()
             && !self.host_allowed(host)
         {
             return Some(text(
@@ -395,7 +379,7 @@ impl TokenApi {
     }
 
     /// The token now; a wait if none was ever obtained and waiting is configured; else 503.
-    fn token(&self, route: &'static str, format: Format) -> Result<HttpResponse, Waiting> {
+    fn token(&self, route: Route, format: Format) -> Result<HttpResponse, Waiting> {
         let now = tokio::time::Instant::now();
         let served = self
             .cell
@@ -403,11 +387,20 @@ impl TokenApi {
                 self.token_response(format, token, left)
             });
         match served {
-            Some(response) => Ok(response),
-            None if self.wait_for_token.is_zero() || self.cell.load().is_some() => {
-                Ok(self.unavailable())
+            None if !self.wait_for_token.is_zero() && self.cell.load().is_none() => {
+                Err(Waiting { route, format })
             }
-            None => Err(Waiting { route, format }),
+            served => Ok(self.token_answer(format, served)),
+        }
+    }
+
+    /// The answer to a token request, served or not (503); the metadata protocol's carry its
+    /// `Metadata-Flavor` header either way.
+    fn token_answer(&self, format: Format, served: Option<HttpResponse>) -> HttpResponse {
+        let response = served.unwrap_or_else(|| self.unavailable());
+        match format {
+            Format::Metadata => flavored(response),
+            Format::Text | Format::Json => response,
         }
     }
 
@@ -458,11 +451,12 @@ impl TokenApi {
     }
 
     fn ready(&self) -> HttpResponse {
+        let now = tokio::time::Instant::now();
         match self
             .cell
-            .servable_at(tokio::time::Instant::now(), (self.wall_clock)())
+            .with_servable(now, (self.wall_clock)(), |_, left| left)
         {
-            Some((_, left)) => text(
+            Some(left) => text(
                 StatusCode::OK,
                 format!("ready: token valid for {}s\n", left.as_secs()),
             ),
@@ -504,8 +498,53 @@ impl TokenApi {
 /// answers it.
 #[derive(Debug)]
 pub struct Waiting {
-    route: &'static str,
+    route: Route,
     format: Format,
+}
+
+/// What a request asks for, decided once from its path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Token,
+    MetadataToken,
+    Healthz,
+    Readyz,
+    Metrics,
+    /// `/` (google-auth's probe) and the service-account document and email.
+    MetadataOther,
+    Unknown,
+}
+
+impl Route {
+    fn of(path: &str) -> Self {
+        match path {
+            "/token" => Route::Token,
+            METADATA_TOKEN_PATH => Route::MetadataToken,
+            "/healthz" => Route::Healthz,
+            "/readyz" => Route::Readyz,
+            "/metrics" => Route::Metrics,
+            "/" | METADATA_ACCOUNT_PATH | METADATA_EMAIL_PATH => Route::MetadataOther,
+            _ => Route::Unknown,
+        }
+    }
+
+    /// The `route` label of the request metrics.
+    fn label(self) -> &'static str {
+        match self {
+            Route::Token => "token",
+            Route::MetadataToken => "metadata_token",
+            Route::Healthz => "healthz",
+            Route::Readyz => "readyz",
+            Route::Metrics => "metrics",
+            Route::MetadataOther => "metadata_other",
+            Route::Unknown => "unknown",
+        }
+    }
+
+    /// Health and metrics: no secret, reachable by probes and scrapers.
+    fn is_monitoring(self) -> bool {
+        matches!(self, Route::Healthz | Route::Readyz | Route::Metrics)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
