@@ -172,43 +172,34 @@ ctxt_switches() {
 thread_count() { status_field "$1" Threads; }
 
 # --- servers -------------------------------------------------------------------------------------
-SIDECAR_PORT=$(free_port)
-say "sidecar: dev mode, --token-lifetime 1h, on 127.0.0.1:$SIDECAR_PORT"
-"$BIN" dev --listen "127.0.0.1:$SIDECAR_PORT" --token-lifetime 1h >"$WORK/sidecar.log" 2>&1 &
-SIDECAR_PID=$!
-pids+=("$SIDECAR_PID")
-wait_http "http://127.0.0.1:$SIDECAR_PORT/readyz" 30 "$SIDECAR_PID"
+# launch NAME PATH CMD...: starts CMD with 127.0.0.1:PORT (a free port) appended, logging to
+# $WORK/NAME.log, and waits until PATH answers 200. Sets LAUNCHED_PORT and LAUNCHED_PID. Not run
+# in a subshell, so the cleanup trap knows the process.
+launch() {
+    local name=$1 path=$2 port pid
+    shift 2
+    port=$(free_port)
+    say "$name on 127.0.0.1:$port"
+    "$@" "127.0.0.1:$port" >"$WORK/$name.log" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    wait_http "http://127.0.0.1:$port$path" 30 "$pid"
+    LAUNCHED_PORT=$port
+    LAUNCHED_PID=$pid
+}
 
-SIDECAR_CT_PORT=$(free_port)
-say "sidecar on one thread (YC_IAM_SIDECAR_WORKER_THREADS=0): dev mode on 127.0.0.1:$SIDECAR_CT_PORT"
-YC_IAM_SIDECAR_WORKER_THREADS=0 "$BIN" dev --listen "127.0.0.1:$SIDECAR_CT_PORT" --token-lifetime 1h \
-    >"$WORK/sidecar-ct.log" 2>&1 &
-SIDECAR_CT_PID=$!
-pids+=("$SIDECAR_CT_PID")
-wait_http "http://127.0.0.1:$SIDECAR_CT_PORT/readyz" 30 "$SIDECAR_CT_PID"
-
-FLOOR_PORT=$(free_port)
-say "hyper_floor (multi-thread, 2 workers) on 127.0.0.1:$FLOOR_PORT"
-HYPER_FLOOR_RUNTIME=multi "$FLOOR" "127.0.0.1:$FLOOR_PORT" >"$WORK/floor.log" 2>&1 &
-FLOOR_PID=$!
-pids+=("$FLOOR_PID")
-wait_http "http://127.0.0.1:$FLOOR_PORT/" 10 "$FLOOR_PID"
-
-FLOOR_CT_PORT=$(free_port)
-say "hyper_floor (current-thread) on 127.0.0.1:$FLOOR_CT_PORT"
-HYPER_FLOOR_RUNTIME=current "$FLOOR" "127.0.0.1:$FLOOR_CT_PORT" >"$WORK/floor-ct.log" 2>&1 &
-FLOOR_CT_PID=$!
-pids+=("$FLOOR_CT_PID")
-wait_http "http://127.0.0.1:$FLOOR_CT_PORT/" 10 "$FLOOR_CT_PID"
-
+launch sidecar /readyz "$BIN" dev --token-lifetime 1h --listen
+SIDECAR_PORT=$LAUNCHED_PORT SIDECAR_PID=$LAUNCHED_PID
+launch sidecar-ct /readyz env YC_IAM_SIDECAR_WORKER_THREADS=0 "$BIN" dev --token-lifetime 1h --listen
+SIDECAR_CT_PORT=$LAUNCHED_PORT SIDECAR_CT_PID=$LAUNCHED_PID
+launch floor / env HYPER_FLOOR_RUNTIME=multi "$FLOOR"
+FLOOR_PORT=$LAUNCHED_PORT FLOOR_PID=$LAUNCHED_PID
+launch floor-ct / env HYPER_FLOOR_RUNTIME=current "$FLOOR"
+FLOOR_CT_PORT=$LAUNCHED_PORT FLOOR_CT_PID=$LAUNCHED_PID
 FLOOR_TIMER_PID=
 if [[ $BENCH_FLOOR_TIMER == 1 ]]; then
-    FLOOR_TIMER_PORT=$(free_port)
-    say "hyper_floor (multi-thread, header-read timeout timer on) on 127.0.0.1:$FLOOR_TIMER_PORT"
-    HYPER_FLOOR_RUNTIME=multi HYPER_FLOOR_HEADER_TIMEOUT=1 "$FLOOR" "127.0.0.1:$FLOOR_TIMER_PORT" >"$WORK/floor-timer.log" 2>&1 &
-    FLOOR_TIMER_PID=$!
-    pids+=("$FLOOR_TIMER_PID")
-    wait_http "http://127.0.0.1:$FLOOR_TIMER_PORT/" 10 "$FLOOR_TIMER_PID"
+    launch floor-timer / env HYPER_FLOOR_RUNTIME=multi HYPER_FLOOR_HEADER_TIMEOUT=1 "$FLOOR"
+    FLOOR_TIMER_PORT=$LAUNCHED_PORT FLOOR_TIMER_PID=$LAUNCHED_PID
 fi
 
 NGINX_PID=
